@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv when missing.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# torch first and pinned again on every later pip call: an unpinned resolution can pull a multi-GB CUDA build.
+TORCH := torch==2.13.0
+
+.PHONY: demo test venv cluster cluster-stop bench faults clean
+
+$(BIN)/preemptible: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q $(TORCH) -e '.[test]'
+	touch $@
+
+venv: $(BIN)/preemptible
+
+demo: venv
+	$(BIN)/preemptible demo
+
+test: venv
+	$(BIN)/python -m pytest -q -ra
+
+cluster: venv
+	bash docker/slurm/cluster.sh start
+
+cluster-stop:
+	bash docker/slurm/cluster.sh stop
+
+clean:
+	rm -rf $(VENV) build *.egg-info

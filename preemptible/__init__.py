@@ -1,0 +1,54 @@
+"""preemptible: PyTorch Lightning training that survives cluster preemption.
+
+The canonical use::
+
+    from preemptible import PreemptionCallback
+
+    cb = PreemptionCallback(run_dir="runs/exp1")
+    trainer = pl.Trainer(max_epochs=3, callbacks=[cb])
+    trainer.fit(model, datamodule=dm, ckpt_path=cb.resume_path())
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from preemptible.exit import REQUEUE_EXIT_CODE, Preempted, RequeueLimitReached
+from preemptible.store import CheckpointError, InvalidCheckpoint
+
+if TYPE_CHECKING:
+    from preemptible.lightning.callback import PreemptionCallback
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PreemptionCallback",
+    "Preempted",
+    "RequeueLimitReached",
+    "REQUEUE_EXIT_CODE",
+    "CheckpointError",
+    "InvalidCheckpoint",
+    "latest_checkpoint",
+]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest committed, valid checkpoint under ``run_dir/checkpoints``, or ``None``.
+
+    Read-only: invalid checkpoints are reported with a warning and skipped, not moved.
+    """
+    from preemptible.store import CheckpointStore
+
+    found = CheckpointStore(Path(run_dir) / "checkpoints").latest_valid(quarantine=False)
+    return found.path if found else None
+
+
+def __getattr__(name: str) -> Any:
+    # Lightning takes seconds to import: load it only when the callback is asked for, so the CLI's
+    # `status`, `run` supervisor and the store stay fast.
+    if name == "PreemptionCallback":
+        from preemptible.lightning.callback import PreemptionCallback
+
+        return PreemptionCallback
+    raise AttributeError(f"module 'preemptible' has no attribute {name!r}")

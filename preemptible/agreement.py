@@ -1,0 +1,104 @@
+"""Agreeing across ranks on the step at which everyone stops.
+
+A signal may reach one rank, all ranks, or all ranks at different steps. If each rank acted on
+its own, one would enter the checkpoint's collectives while the others entered the next
+forward pass's, and the job would hang until the hard kill. Instead every rank contributes its
+local flag at every optimizer-step boundary and all ranks act on the same reduced value.
+
+The reduction is started *without waiting* at step ``k`` and read at step ``k + 1``: by then the
+gradient all-reduce of step ``k + 1`` has long passed it, so reading costs nothing. The price is
+one step of latency between the signal and the stop, which is small next to SLURM's warning lead.
+Every rank issues exactly one reduction per boundary, so the collectives stay in lockstep.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+
+class StopAgreement:
+    """Single-process agreement: the local flag is the decision. Base class of the distributed one.
+
+    ``vote`` values are small non-negative integers: 0 means "keep going", anything else "stop"
+    (callers pass the signal number so that the reason travels with the decision).
+    """
+
+    #: How many boundaries pass between a vote and the decision it affects.
+    latency_steps: int = 0
+
+    def step(self, vote: int) -> int:
+        """Called at every step boundary on every rank; returns the agreed value (max of votes)."""
+        return vote
+
+    def now(self, vote: int) -> int:
+        """Blocking agreement, for points that are not step boundaries (train start, teardown)."""
+        return vote
+
+    def close(self) -> None:
+        """Finish any reduction in flight (every rank calls it at the same point)."""
+
+
+class DistributedStopAgreement(StopAgreement):
+    """Non-blocking max-reduction of the votes over a ``torch.distributed`` group.
+
+    Args:
+        group: the process group to reduce over. ``None`` picks the default group when its
+            backend is gloo, and otherwise creates a dedicated gloo group, so that the flag is a
+            CPU tensor and reading it never synchronizes a CUDA stream. Creating a group is itself
+            a collective: construct this object at the same point on every rank.
+    """
+
+    latency_steps = 1
+
+    def __init__(self, group: Optional[Any] = None) -> None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("DistributedStopAgreement needs an initialized torch.distributed process group")
+        if group is None and dist.get_backend() != "gloo":
+            group = dist.new_group(backend="gloo")
+        self._dist = dist
+        self._group = group
+        self._pending: Optional[Any] = None
+        self._pending_tensor: Optional[torch.Tensor] = None
+
+    def _collect(self) -> int:
+        if self._pending is None:
+            return 0
+        self._pending.wait()
+        assert self._pending_tensor is not None
+        value = int(self._pending_tensor.item())
+        self._pending, self._pending_tensor = None, None
+        return value
+
+    def step(self, vote: int) -> int:
+        decided = self._collect()
+        tensor = torch.tensor([vote], dtype=torch.int64)
+        self._pending = self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX, group=self._group, async_op=True)
+        self._pending_tensor = tensor
+        return decided
+
+    def now(self, vote: int) -> int:
+        earlier = self._collect()
+        tensor = torch.tensor([max(vote, earlier)], dtype=torch.int64)
+        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX, group=self._group)
+        return int(tensor.item())
+
+    def barrier(self) -> None:
+        """Wait until every rank reaches this point (over the same CPU group)."""
+        self._collect()
+        self._dist.barrier(group=self._group)
+
+    def close(self) -> None:
+        self._collect()
+
+
+def make_agreement(world_size: int) -> StopAgreement:
+    """The agreement for this process: distributed when several ranks are running."""
+    import torch.distributed as dist
+
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        return DistributedStopAgreement()
+    return StopAgreement()

@@ -1,0 +1,184 @@
+"""Exact data position across a preemption, for an ordinary map-style ``DataLoader``.
+
+A plain ``DataLoader(shuffle=True)`` has no memory: a restarted process draws a new shuffle and
+starts the epoch from its first batch. :class:`ResumableBatches` wraps the loader's batch sampler
+and remembers, per epoch, what is needed to replay the same sequence:
+
+* the RNG state at the start of the epoch (a ``RandomSampler`` without its own generator draws
+  its permutation seed from the global torch RNG on its first pull), so the same permutation is
+  drawn again;
+* how many batches were trained, so that many index lists are skipped without loading data;
+* for in-process loading (``num_workers=0``), the RNG state just before each batch that was
+  fetched ahead of training (``__getitem__`` augmentation draws from the global RNG), plus the
+  state at the checkpoint, to be put back at the exact point the uninterrupted run reached it;
+* for worker processes, a seed per batch derived from (epoch seed, batch position), applied in
+  the worker just before the batch is loaded, so augmentation in workers does not depend on
+  which worker loads a batch or on how many batches that worker loaded before.
+
+Nothing here imports Lightning; :mod:`preemptible.lightning` decides when to wrap and save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+from collections import deque
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from preemptible.rng import capture_rng, restore_rng
+
+# Batches fetched ahead of training whose pre-fetch RNG we remember (Lightning prefetches one;
+# a user's own prefetching fetcher may take a few more).
+_MAX_AHEAD = 16
+
+
+class TaggedBatch(list):  # type: ignore[type-arg]
+    """A list of indices that carries the seed its worker should load it with."""
+
+    seed: int = 0
+
+    def __reduce__(self) -> Any:
+        return (_tagged, (list(self), self.seed))
+
+
+def _tagged(items: list[Any], seed: int) -> TaggedBatch:
+    batch = TaggedBatch(items)
+    batch.seed = seed
+    return batch
+
+
+def batch_seed(epoch_seed: int, position: int) -> int:
+    """A 63-bit seed for the batch at ``position`` of the epoch whose seed is ``epoch_seed``."""
+    digest = hashlib.blake2b(f"{epoch_seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def seed_this_process(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np = sys.modules.get("numpy")
+    if np is not None:
+        np.random.seed(seed % (2**32))
+
+
+class _SeedingGetItems:
+    """Installed as ``dataset.__getitems__`` in each worker: seed, then load the batch as before."""
+
+    def __init__(self, dataset: Any, original: Any) -> None:
+        self.dataset = dataset
+        self.original = original
+
+    def __call__(self, indices: Any) -> Any:
+        if isinstance(indices, TaggedBatch):
+            seed_this_process(indices.seed)
+            indices = list(indices)
+        if self.original is not None:
+            return self.original(indices)
+        return [self.dataset[i] for i in indices]
+
+
+class SeedingWorkerInit:
+    """``worker_init_fn`` wrapper that installs the per-batch seeding hook, then runs the user's function."""
+
+    def __init__(self, user_fn: Any) -> None:
+        self.user_fn = user_fn
+
+    def __call__(self, worker_id: int) -> None:
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            dataset = info.dataset
+            original = getattr(dataset, "__getitems__", None)
+            try:
+                dataset.__getitems__ = _SeedingGetItems(dataset, original)
+            except AttributeError:  # a dataset that forbids new attributes: no per-batch seeding
+                pass
+        if self.user_fn is not None:
+            self.user_fn(worker_id)
+
+
+class ResumableBatches:
+    """A batch sampler wrapper with a ``state_dict`` that lets the next process continue the epoch.
+
+    Args:
+        inner: the loader's batch sampler (anything that yields lists of indices).
+        in_process: ``True`` when batches are loaded in this process (``num_workers=0``).
+    """
+
+    def __init__(self, inner: Iterable[Any], in_process: bool) -> None:
+        self.inner = inner
+        self.in_process = in_process
+        self.epoch_rng: dict[str, Any] | None = None
+        self.epoch_seed = 0
+        self.yielded = 0
+        self.exhausted = False
+        self.trained = 0  # set by the trainer integration just before a checkpoint is taken
+        self._ahead: deque[tuple[int, dict[str, Any]]] = deque(maxlen=_MAX_AHEAD)
+        self._plan: dict[str, Any] | None = None
+
+    # Attributes a DataLoader or Lightning may read from a batch sampler.
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __len__(self) -> int:
+        return len(self.inner)  # type: ignore[arg-type]
+
+    def __iter__(self) -> Iterator[Any]:
+        plan, self._plan = self._plan, None
+        if plan is not None:
+            restore_rng(plan["epoch_rng"])
+        self.epoch_rng = capture_rng()
+        self.epoch_seed = _seed_from_state(self.epoch_rng["torch"])
+        self.yielded, self.exhausted = 0, False
+        self._ahead.clear()
+        skip = plan["skip"] if plan else 0
+        inject: dict[int, dict[str, Any]] = plan["inject"] if plan else {}
+        source = iter(self.inner)
+        for _ in range(skip):
+            if next(source, None) is None:
+                break
+            self.yielded += 1
+        for batch in source:
+            position = self.yielded
+            if position in inject:
+                restore_rng(inject.pop(position))
+            if self.in_process:
+                self._ahead.append((position, capture_rng()))
+            else:
+                batch = _tagged(list(batch), batch_seed(self.epoch_seed, position))
+            self.yielded += 1
+            yield batch
+        if self.yielded in inject:
+            restore_rng(inject.pop(self.yielded))
+        self.exhausted = True
+
+    # -- checkpointing ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """State after ``self.trained`` batches of the current epoch were trained (RNG captured now)."""
+        inject: dict[int, dict[str, Any]] = {}
+        if self.in_process:
+            # Batches fetched ahead of training get their pre-fetch RNG back; the next fetch (or the end
+            # of the epoch) gets the RNG as it is now, after the last trained step.
+            inject = {pos: rng for pos, rng in self._ahead if self.trained <= pos < self.yielded}
+            inject[max(self.yielded, self.trained)] = capture_rng()
+        return {
+            "format": 1,
+            "epoch_rng": self.epoch_rng,
+            "skip": self.trained,
+            "inject": inject,
+            "exhausted": self.exhausted and self.trained >= self.yielded,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != 1 or state.get("epoch_rng") is None:
+            return
+        self._plan = {"epoch_rng": state["epoch_rng"], "skip": int(state["skip"]),
+                      "inject": {int(k): v for k, v in state["inject"].items()}}
+
+
+def _seed_from_state(state: torch.Tensor) -> int:
+    return int.from_bytes(hashlib.blake2b(state.numpy().tobytes(), digest_size=8).digest(), "little") >> 1

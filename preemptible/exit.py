@@ -1,0 +1,58 @@
+"""How a preempted process ends: the :class:`Preempted` exception and its exit code.
+
+The exit code is shared with submitit's ``LocalExecutor``, which relaunches a task that exits
+with 144; ``preemptible run`` relaunches on the same code, so one convention serves both.
+"""
+
+from __future__ import annotations
+
+#: Exit code of a process that took an emergency checkpoint and wants to be started again.
+#: Anything that supervises training (``preemptible run``, submitit's ``LocalExecutor``, an
+#: sbatch script) treats this code as "requeue me", every other code as final.
+REQUEUE_EXIT_CODE: int = 144
+
+
+class Preempted(SystemExit):
+    """Raised out of ``trainer.fit`` on every rank after the emergency checkpoint is committed.
+
+    It is a :class:`SystemExit`, so an uncaught one ends the process with
+    :data:`REQUEUE_EXIT_CODE` and no traceback, while code after ``trainer.fit`` (saving "final"
+    weights, marking the run finished) does not run as if training had completed.
+
+    Attributes:
+        step: the global step the checkpoint was taken at (``None`` when stopped before any step).
+        checkpoint: path of the committed checkpoint, or ``None``.
+        reason: the signal name or other cause, e.g. ``"SIGUSR1"`` or ``"deadline"``.
+    """
+
+    def __init__(
+        self,
+        step: int | None = None,
+        checkpoint: str | None = None,
+        reason: str = "preempted",
+        code: int = REQUEUE_EXIT_CODE,
+    ) -> None:
+        super().__init__(code)
+        self.step = step
+        self.checkpoint = checkpoint
+        self.reason = reason
+
+    def __str__(self) -> str:
+        where = f"at global step {self.step}" if self.step is not None else "before the first step"
+        saved = f", checkpoint {self.checkpoint}" if self.checkpoint else ", nothing to save"
+        return f"preempted ({self.reason}) {where}{saved}; exit code {self.code}"
+
+
+class RequeueLimitReached(SystemExit):
+    """Raised instead of :class:`Preempted` when the run has used up ``max_requeues``.
+
+    The checkpoint is still written and kept; the process exits with code 1 so that no
+    supervisor requeues it again.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(1)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

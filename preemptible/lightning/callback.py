@@ -1,0 +1,350 @@
+"""``PreemptionCallback``: signal → agreed step → emergency checkpoint → requeue → exact resume."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from preemptible.agreement import StopAgreement, make_agreement
+from preemptible.environment import JobEnvironment
+from preemptible.exit import Preempted, RequeueLimitReached
+from preemptible.lightning import hooks
+from preemptible.lightning.loaders import LoaderTracker
+from preemptible.lightning.saving import save_emergency_checkpoint
+from preemptible.requeue import RequeueBackend, RequeueError, select_backend
+from preemptible.rng import capture_rng
+from preemptible.rundir import RunDirectory, resolve_run_dir
+from preemptible.signals import DEFAULT_SIGNALS, SignalRecorder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEUES = 50
+_STATE_FORMAT = 1
+
+
+class PreemptionCallback(Callback):
+    r"""Survive preemption: checkpoint on a signal at a step all ranks agree on, requeue, resume exactly.
+
+    A signal (``SIGUSR1`` from ``sbatch --signal``, ``SIGTERM`` on preemption or requeue,
+    ``SIGUSR2`` under submitit) is only *recorded* by the handler. At the next optimizer-step
+    boundary the ranks agree to stop at the same global step, write an emergency checkpoint
+    atomically into ``<run_dir>/checkpoints/``, ask for a requeue (rank 0), and leave
+    ``trainer.fit`` by raising :class:`~preemptible.Preempted` (exit code
+    :data:`~preemptible.REQUEUE_EXIT_CODE`) on every rank. The restarted job calls
+    :meth:`resume_path` and continues from the same global step with the same data order and
+    random streams.
+
+    Args:
+        run_dir: the run's directory, identical for every restart. Default: ``$PREEMPTIBLE_RUN_DIR``,
+            else ``runs/<SLURM_JOB_ID>`` under SLURM, else an error.
+        signals: signals that mean "stop soon" (names like ``"USR1"`` or ``signal.Signals``).
+        requeue: ``"auto"`` (SLURM → ``scontrol requeue``; submitit → submitit; else exit code only),
+            ``"slurm"``, ``"submitit"``, ``"local"``, ``"none"``, or a
+            :class:`~preemptible.requeue.RequeueBackend`.
+        max_requeues: how many requeues the run may use (counted from ``SLURM_RESTART_COUNT`` and the
+            run's own record). Past it the checkpoint is still written, the process exits with code 1
+            and a message saying so. Default: ``$PREEMPTIBLE_MAX_REQUEUES``, else 50.
+        keep: committed checkpoints to keep (at least 2; never the one the run resumed from).
+        verify: ``"sha256"`` (default) checks size and checksum of a checkpoint before resuming from it,
+            ``"size"`` only its size.
+        exact_data: make map-style training ``DataLoader``\ s resume mid-epoch at the exact batch with
+            the same shuffle and augmentation randomness (see the README's "What is exact").
+
+    Example::
+
+        import pytorch_lightning as pl
+        from preemptible import PreemptionCallback
+
+        cb = PreemptionCallback(run_dir="runs/exp1")
+        trainer = pl.Trainer(max_epochs=3, callbacks=[cb])
+        trainer.fit(model, datamodule=dm, ckpt_path=cb.resume_path())  # None on the first start
+
+    .. note:: Lightning's own SLURM auto-requeue (``SLURMEnvironment(auto_requeue=True)``, on by default)
+       is switched off for this trainer: it would checkpoint inside the signal handler and keep
+       training. Exactly one party handles the signal.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str] | None = None,
+        signals: Iterable[str | int | signal.Signals] = DEFAULT_SIGNALS,
+        requeue: str | RequeueBackend = "auto",
+        max_requeues: Optional[int] = None,
+        keep: int = 2,
+        verify: str = "sha256",
+        exact_data: bool = True,
+    ) -> None:
+        super().__init__()
+        if verify not in ("sha256", "size"):
+            raise ValueError(f"verify={verify!r}: use 'sha256' (size and checksum) or 'size'")
+        if max_requeues is None:
+            max_requeues = int(os.environ.get("PREEMPTIBLE_MAX_REQUEUES", DEFAULT_MAX_REQUEUES))
+        if max_requeues < 0:
+            raise ValueError(f"max_requeues={max_requeues} must be >= 0")
+        self._run_dir_arg = run_dir
+        self.signals = SignalRecorder(signals)
+        self.requeue = requeue
+        self.max_requeues = max_requeues
+        self.keep = keep
+        self.verify = verify
+        self.exact_data = exact_data
+        self.env = JobEnvironment.from_env()
+        select_backend(requeue, self.env)  # fail early on a bad name
+
+        self._run: RunDirectory | None = None
+        self._resumed_from: Path | None = None
+        self._agreement: StopAgreement = StopAgreement()
+        self._loaders = LoaderTracker(enabled=exact_data)
+        self._loaded_rank_state: dict[str, Any] | None = None
+        self._gathered_rank_states: list[dict[str, Any]] | None = None
+        self._last_step = -1
+        self._start_step = -1
+        self._stop_after_validation: int = 0
+        self._signal_logged = False
+        self._fitting = False
+
+    # ------------------------------------------------------------------------------------------------
+    # Public helpers
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return "PreemptionCallback"
+
+    @property
+    def run_dir(self) -> Path:
+        return self._rundir().path
+
+    def resume_path(self) -> str | None:
+        """The newest committed, valid checkpoint of this run, or ``None`` for a fresh start.
+
+        Invalid checkpoints (size or checksum mismatch, damaged commit record) are reported with a
+        warning and moved to ``checkpoints/quarantine/`` (by global rank 0 only), and the previous
+        valid one is returned. Call it on every rank; all ranks get the same answer.
+        """
+        run = self._rundir()
+        is_rank_zero = self.env.global_rank == 0 and os.environ.get("LOCAL_RANK", "0") == "0"
+        if is_rank_zero:
+            run.store.clean_stale_temps()
+        found = run.store.latest_valid(checksum=self.verify == "sha256", quarantine=is_rank_zero)
+        self._resumed_from = found.path if found else None
+        return str(found.path) if found else None
+
+    # ------------------------------------------------------------------------------------------------
+    # Lightning hooks
+    # ------------------------------------------------------------------------------------------------
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        self._fitting = True
+        run = self._rundir()
+        if trainer.is_global_zero:
+            run.create()
+        self.signals.install()
+        if not self.signals.installed:
+            warnings.warn("preemptible: trainer.fit is not running in the main thread, so no signal handler "
+                          "could be installed; preemption signals will not be noticed", stacklevel=2)
+        if hooks.disable_lightning_auto_requeue(trainer):
+            log.info("preemptible: Lightning's SLURM auto-requeue disabled; preemptible handles the signal")
+        hooks.after_lightning_installs_handlers(trainer, self.signals.install, self._previous_handlers)
+        if self.exact_data:
+            if not hooks.intercept_train_loader_setup(trainer, self._prepare_loaders):
+                warnings.warn("preemptible: this Lightning version offers no point to prepare train loaders; "
+                              "mid-epoch resume will replay or skip batches", stacklevel=2)
+        self._agreement = make_agreement(trainer.world_size)
+        self._backend = select_backend(self.requeue, self.env)
+        ckpt = trainer.ckpt_path
+        if trainer.is_global_zero:
+            event = "resume" if ckpt else "start"
+            run.journal.append(event, checkpoint=ckpt, world_size=trainer.world_size,
+                               attempt=self.env.restart_count, backend=self._backend.name)
+            run.update_record(world_size=trainer.world_size, status="running",
+                              attempts=int(run.read_record().get("attempts", 0)) + 1)
+
+    def _previous_handlers(self) -> dict[int, Any]:
+        return {s: self.signals.previous_handler(s) for s in self.signals.signals}
+
+    def on_sanity_check_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.signals.install()
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self.signals.install()
+        self._last_step = self._start_step = trainer.global_step
+        # A signal that came before the first step (during set-up or the sanity check): stop now.
+        # This is a blocking agreement, once per fit, so every rank leaves together.
+        note = self.signals.note
+        decided = self._agreement.now(note.signum if note else 0)
+        if decided:
+            self._emergency_stop(trainer, decided, save=False)
+
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        self._loaders.before_first_resumed_batch()
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._last_step:
+            return  # inside a gradient-accumulation window: never stop here
+        self._last_step = step
+        note = self.signals.note
+        if note is not None and not self._signal_logged:
+            self._signal_logged = True
+            self._rundir().journal.append("signal", signal=note.name, count=note.count, received_at=note.first_at, step=step)
+        decided = self._agreement.step(note.signum if note else 0)
+        if not decided:
+            return
+        if _validation_due(trainer):
+            # The uninterrupted run validates right after this batch; do the same before saving, so
+            # the resumed run neither skips that validation nor shifts the random stream.
+            self._stop_after_validation = decided
+            return
+        self._emergency_stop(trainer, decided)
+
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._stop_after_validation and not trainer.sanity_checking:
+            decided, self._stop_after_validation = self._stop_after_validation, 0
+            self._emergency_stop(trainer, decided)
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.is_global_zero and self._run is not None and trainer.state.status == "finished":
+            self._run.journal.append("finish", step=trainer.global_step)
+            self._run.update_record(status="finished", finished_step=trainer.global_step)
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        self.signals.restore()
+        self._fitting = False
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit" or not self._fitting:
+            return
+        self._fitting = False
+        self._agreement.close()
+        self.signals.restore()
+
+    # -- state carried inside the checkpoint ------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        ranks = self._gathered_rank_states
+        if ranks is None:
+            # A save that is not ours (ModelCheckpoint, a user's trainer.save_checkpoint): no
+            # collective is allowed here, so only this rank's state goes in.
+            ranks = [self._rank_state(None)]
+        return {"format": _STATE_FORMAT, "ranks": ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        ranks = state_dict.get("ranks") or []
+        rank = _current_rank()
+        if rank < len(ranks):
+            self._loaded_rank_state = ranks[rank]
+        elif ranks:
+            warnings.warn(f"preemptible: the checkpoint holds the random state of {len(ranks)} rank(s), this is rank "
+                          f"{rank}; its random streams start fresh and the continuation will not be bit-exact", stacklevel=2)
+        self._loaders.set_resume(self._loaded_rank_state)
+
+    # ------------------------------------------------------------------------------------------------
+    # Internals
+    # ------------------------------------------------------------------------------------------------
+    def _rundir(self) -> RunDirectory:
+        if self._run is None:
+            self._run = RunDirectory(resolve_run_dir(self._run_dir_arg, self.env), keep=self.keep, env=self.env)
+        return self._run
+
+    def _prepare_loaders(self, loaders: list[Any]) -> None:
+        self._loaders.prepare(loaders)
+
+    def _rank_state(self, trainer: Optional["pl.Trainer"]) -> dict[str, Any]:
+        return {"rng": capture_rng(), "loaders": self._loaders.state(trainer)}
+
+    def _emergency_stop(self, trainer: "pl.Trainer", decided: int, save: bool = True) -> None:
+        run = self._rundir()
+        reason = _signal_name(decided)
+        note = self.signals.note
+        step = trainer.global_step
+        over_limit = run.requeues_so_far() >= self.max_requeues
+        if trainer.is_global_zero:
+            run.journal.append("stop_agreed", step=step, reason=reason)
+        stored = None
+        if save and not self._nothing_new_since_resume(trainer):
+            stored = save_emergency_checkpoint(
+                trainer, run, self._agreement, step=step, reason=reason,
+                rank_state=self._rank_state(trainer), set_gathered=self._set_gathered,
+                protect={self._resumed_from} if self._resumed_from else set(), signal_at=note.first_at if note else None,
+            )
+        path = str(stored.path) if stored else (str(self._resumed_from) if self._resumed_from else None)
+        self.signals.restore()
+        if trainer.is_global_zero:
+            if over_limit:
+                message = (f"preemptible: requeue limit reached ({self.max_requeues} requeues used). Not requeueing; "
+                           f"the checkpoint at step {step} is kept ({path}). Resubmit by hand to continue, or raise "
+                           "max_requeues / PREEMPTIBLE_MAX_REQUEUES.")
+                run.journal.append("requeue", backend=self._backend.name, outcome="limit_reached", step=step)
+                run.journal.append("exit", code=1, reason="requeue_limit", step=step)
+                run.update_record(status="requeue_limit")
+                print(message, flush=True)
+                self._exit_after_children(trainer)
+                raise RequeueLimitReached(message)
+            try:
+                outcome = self._backend.request(self.env)
+            except RequeueError as exc:
+                run.journal.append("requeue", backend=self._backend.name, outcome="failed", error=str(exc), step=step)
+                run.update_record(status="requeue_failed")
+                print(f"preemptible: {exc}", flush=True)
+                self._exit_after_children(trainer)
+                raise
+            record = run.read_record()
+            run.update_record(status="preempted", requeues=int(record.get("requeues", 0)) + int(outcome.requested),
+                              last_preempted_step=step)
+            run.journal.append("requeue", backend=outcome.backend, outcome="requested" if outcome.requested else "none",
+                               detail=outcome.detail, step=step)
+        exc = Preempted(step=step, checkpoint=path, reason=reason)
+        run.journal.append("exit", code=exc.code, reason=reason, step=step)
+        print(f"preemptible: rank {trainer.global_rank} {exc}", flush=True)
+        self._exit_after_children(trainer)
+        raise exc
+
+    def _exit_after_children(self, trainer: "pl.Trainer") -> None:
+        children = hooks.lightning_spawned_children(trainer)
+        if children:
+            hooks.let_children_exit_first(children, timeout=120)
+
+    def _set_gathered(self, states: Optional[list[dict[str, Any]]]) -> None:
+        self._gathered_rank_states = states
+
+    def _nothing_new_since_resume(self, trainer: "pl.Trainer") -> bool:
+        # Stopped again before any step after resuming: the checkpoint we resumed from *is* the state.
+        return (self._resumed_from is not None and trainer.ckpt_path is not None
+                and Path(trainer.ckpt_path).resolve() == self._resumed_from.resolve()
+                and trainer.global_step == self._start_step)
+
+
+def _validation_due(trainer: "pl.Trainer") -> bool:
+    epoch_loop = trainer.fit_loop.epoch_loop
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    check = getattr(epoch_loop, "_should_check_val_fx", None)
+    if check is None or fetcher is None or not trainer.enable_validation:
+        return False
+    try:
+        return bool(check(fetcher))
+    except Exception:  # noqa: BLE001 - a private helper changed shape: save now rather than guess
+        return False
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _current_rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return JobEnvironment.from_env().global_rank

@@ -1,0 +1,92 @@
+"""The few places where preemptible reaches into Lightning's private objects, kept in one module.
+
+Each function degrades to a no-op (returning ``False``) when the attribute it needs is missing,
+so a Lightning release that moves things loses a refinement, not the whole callback.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+
+
+def disable_lightning_auto_requeue(trainer: "pl.Trainer") -> bool:
+    """Turn off ``SLURMEnvironment(auto_requeue=True)``: exactly one party may handle the signal.
+
+    Lightning's handler saves a checkpoint *inside* the signal handler (a collective: it deadlocks
+    when the signal reaches only some ranks) and then keeps training.
+    """
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    env = getattr(trainer.strategy, "cluster_environment", None)
+    if isinstance(env, SLURMEnvironment) and env.auto_requeue:
+        env.auto_requeue = False
+        return True
+    return False
+
+
+def after_lightning_installs_handlers(trainer: "pl.Trainer", reinstall: Callable[[], None], originals: Callable[[], dict[int, Any]]) -> bool:
+    """Run ``reinstall`` right after Lightning registers its own SIGTERM handler.
+
+    Lightning replaces the SIGTERM handler when the fit stage starts with one that broadcasts a
+    tensor from inside the handler and kills child processes. We put ours back at once and tell
+    Lightning's connector to restore, at its teardown, the handlers that were there before *us*.
+    """
+    connector = getattr(trainer, "_signal_connector", None)
+    register = getattr(connector, "register_signal_handlers", None)
+    if connector is None or register is None or getattr(register, "_preemptible", False):
+        return False
+
+    def register_then_reinstall() -> None:
+        register()
+        reinstall()
+        saved = getattr(connector, "_original_handlers", None)
+        if isinstance(saved, dict):
+            saved.update(originals())
+
+    register_then_reinstall._preemptible = True  # type: ignore[attr-defined]
+    connector.register_signal_handlers = register_then_reinstall
+    return True
+
+
+def intercept_train_loader_setup(trainer: "pl.Trainer", prepare: Callable[[list[Any]], None]) -> bool:
+    """Call ``prepare(loaders)`` each time the fit loop has built its train loaders, before it iterates them."""
+    fit_loop = trainer.fit_loop
+    load_states = getattr(fit_loop, "_load_combined_loader_states", None)
+    if load_states is None or getattr(load_states, "_preemptible", False):
+        return False
+
+    def prepare_then_load() -> None:
+        combined = getattr(fit_loop, "_combined_loader", None)
+        if combined is not None:
+            prepare(combined.flattened)
+        load_states()
+
+    prepare_then_load._preemptible = True  # type: ignore[attr-defined]
+    fit_loop._load_combined_loader_states = prepare_then_load  # type: ignore[method-assign]
+    return True
+
+
+def lightning_spawned_children(trainer: "pl.Trainer") -> list[Any]:
+    """The rank processes Lightning's script launcher started from this process (empty elsewhere)."""
+    launcher = getattr(trainer.strategy, "launcher", None)
+    return list(getattr(launcher, "procs", None) or [])
+
+
+def let_children_exit_first(children: list[Any], timeout: float) -> None:
+    """Wait for Lightning-spawned ranks to exit before this (parent) rank does.
+
+    Lightning's child-process observer SIGKILLs the parent as soon as a child exits with a
+    non-zero code, which the requeue code is. We empty its watch list (its own "all finished"
+    path) and wait for the children ourselves, so the parent's exit code reaches the supervisor.
+    """
+    for thread in threading.enumerate():
+        if thread.name == "child-process-observer" and hasattr(thread, "_child_processes"):
+            thread._child_processes = []  # type: ignore[attr-defined]
+    for proc in children:
+        try:
+            proc.wait(timeout=timeout)
+        except Exception:  # noqa: BLE001 - a child that does not exit is killed below
+            proc.kill()

@@ -1,0 +1,106 @@
+"""Making the fit loop's train loaders resumable mid-epoch, and putting RNG back at the right moment."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader, IterableDataset
+
+from preemptible.data import ResumableBatches, SeedingWorkerInit
+from preemptible.rng import restore_rng
+
+
+class LoaderTracker:
+    """Wraps map-style DataLoaders' batch samplers and carries their per-rank resume plan."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.wrappers: list[Optional[ResumableBatches]] = []
+        self._plan: Optional[dict[str, Any]] = None
+        self._rng_pending: Optional[dict[str, Any]] = None
+        self._warned = False
+
+    # -- at set-up --------------------------------------------------------------------------------
+    def prepare(self, loaders: list[Any]) -> None:
+        self.wrappers = [self._wrap(dl) if self.enabled else None for dl in loaders]
+        plan, self._plan = self._plan, None
+        if plan is None:
+            return
+        states = plan.get("loaders") or []
+        rng = plan.get("rng")
+        in_process_resume = False
+        epoch_finished = bool(states) and all(s is not None and s.get("exhausted") for s in states)
+        for wrapper, state in zip(self.wrappers, states):
+            if wrapper is not None and state is not None and not state.get("exhausted"):
+                wrapper.load_state_dict(state)
+                in_process_resume = in_process_resume or wrapper.in_process
+        if rng is None:
+            return
+        if epoch_finished:
+            restore_rng(rng)  # before the next epoch's iterator draws its seeds, as in the uninterrupted run
+        elif not in_process_resume:
+            self._rng_pending = rng  # workers load the data: the stream resumes at the first trained batch
+
+    def _wrap(self, dl: Any) -> Optional[ResumableBatches]:
+        if not isinstance(dl, DataLoader):
+            self._warn_inexact(f"a {type(dl).__name__} that is not a DataLoader")
+            return None
+        if isinstance(dl.dataset, IterableDataset) or dl.batch_sampler is None:
+            if not (hasattr(dl, "state_dict") and hasattr(dl, "load_state_dict")):
+                self._warn_inexact("an IterableDataset (or batch_size=None) without state_dict()")
+            return None
+        if hasattr(type(dl), "state_dict"):
+            return None  # a stateful loader of the user's own (e.g. torchdata's StatefulDataLoader)
+        if isinstance(dl.batch_sampler, ResumableBatches):
+            return dl.batch_sampler
+        wrapper = ResumableBatches(dl.batch_sampler, in_process=dl.num_workers == 0)
+        # DataLoader refuses to re-assign batch_sampler after construction; the wrapper yields the same
+        # index lists, so bypassing that guard does not change what the loader sees.
+        object.__setattr__(dl, "batch_sampler", wrapper)
+        if dl.num_workers > 0 and not isinstance(dl.worker_init_fn, SeedingWorkerInit):
+            dl.worker_init_fn = SeedingWorkerInit(dl.worker_init_fn)
+        # Lightning asks whether the loader is resumable to decide whether to warn; the real state is per
+        # rank and travels in the callback's state, so these two are placeholders.
+        dl.state_dict = lambda: {"kept_by": "preemptible"}
+        dl.load_state_dict = lambda state: None
+        return wrapper
+
+    def _warn_inexact(self, what: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"preemptible: the training data comes from {what}; its position cannot be restored, so after a "
+                "mid-epoch preemption the resumed epoch starts its data from the beginning (the batches already "
+                "trained in that epoch are seen again, the last ones of the epoch are not). Give the loader a "
+                "state_dict()/load_state_dict() (e.g. torchdata's StatefulDataLoader) for exact resume.",
+                stacklevel=3,
+            )
+
+    # -- saving -------------------------------------------------------------------------------------
+    def state(self, trainer: Optional["pl.Trainer"]) -> list[Optional[dict[str, Any]]]:
+        trained = _batches_trained_this_epoch(trainer) if trainer is not None else None
+        out: list[Optional[dict[str, Any]]] = []
+        for wrapper in self.wrappers:
+            if wrapper is None:
+                out.append(None)
+                continue
+            if trained is not None:
+                wrapper.trained = trained
+            out.append(wrapper.state_dict())
+        return out
+
+    # -- resuming -----------------------------------------------------------------------------------
+    def set_resume(self, rank_state: Optional[dict[str, Any]]) -> None:
+        self._plan = rank_state
+
+    def before_first_resumed_batch(self) -> None:
+        if self._rng_pending is not None:
+            rng, self._rng_pending = self._rng_pending, None
+            restore_rng(rng)
+
+
+def _batches_trained_this_epoch(trainer: "pl.Trainer") -> int:
+    progress = trainer.fit_loop.epoch_loop.batch_progress.current
+    return int(progress.ready)

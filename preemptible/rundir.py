@@ -1,0 +1,82 @@
+"""The run directory: where a run's checkpoints, record and journal live across requeues.
+
+Resolution order for the directory: the explicit argument, ``$PREEMPTIBLE_RUN_DIR``, then
+``runs/<SLURM_JOB_ID>`` under SLURM (the job id survives requeues), else a clear error — a run
+directory picked silently from the time or a random id would make every restart a fresh start.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from preemptible.environment import JobEnvironment
+from preemptible.fsutil import atomic_write_json, read_json
+from preemptible.journal import Journal
+from preemptible.store import CheckpointStore
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be determined or used."""
+
+
+def resolve_run_dir(run_dir: str | os.PathLike[str] | None = None, env: JobEnvironment | None = None) -> Path:
+    if run_dir is not None:
+        return Path(run_dir)
+    from_env = os.environ.get("PREEMPTIBLE_RUN_DIR")
+    if from_env:
+        return Path(from_env)
+    env = env or JobEnvironment.from_env()
+    if env.under_slurm and env.requeue_job_id:
+        return Path("runs") / env.requeue_job_id
+    raise RunDirError(
+        "preemptible does not know where this run keeps its checkpoints. Pass "
+        "PreemptionCallback(run_dir='runs/my-experiment') or export PREEMPTIBLE_RUN_DIR; "
+        "the same directory must be given to every restart of the run."
+    )
+
+
+class RunDirectory:
+    """Paths and small records of one run.
+
+    Attributes:
+        path: the run directory.
+        store: the :class:`~preemptible.store.CheckpointStore` under ``checkpoints/``.
+        journal: the :class:`~preemptible.journal.Journal` in ``events.jsonl``.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], keep: int = 2, env: JobEnvironment | None = None) -> None:
+        self.path = Path(path)
+        self.env = env or JobEnvironment.from_env()
+        self.store = CheckpointStore(self.path / "checkpoints", keep=keep)
+        self.journal = Journal(self.path / "events.jsonl", env=self.env)
+
+    @property
+    def record_path(self) -> Path:
+        return self.path / "run.json"
+
+    def create(self) -> None:
+        # 0700: whoever can write here can make the next restart load their pickle (see README's trust model).
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def read_record(self) -> dict[str, Any]:
+        try:
+            data = read_json(self.record_path)
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def update_record(self, **changes: Any) -> dict[str, Any]:
+        """Read-modify-write of ``run.json`` (global rank 0 only; atomic replace)."""
+        record = self.read_record()
+        record.setdefault("created", time.time())
+        record.update(changes)
+        self.create()
+        atomic_write_json(self.record_path, record)
+        return record
+
+    def requeues_so_far(self) -> int:
+        """Requeues already spent: the larger of SLURM's restart count and the run's own count."""
+        return max(self.env.restart_count, int(self.read_record().get("requeues", 0)))

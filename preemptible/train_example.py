@@ -1,0 +1,82 @@
+"""``python -m preemptible.train_example``: the example training job (tiny model, CPU) used by the demo,
+the tests and the SLURM examples. One command both starts and resumes the run.
+
+Example::
+
+    python -m preemptible.train_example --run-dir runs/ex --max-steps 40 --devices 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m preemptible.train_example", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default=None, help="run directory (default: $PREEMPTIBLE_RUN_DIR or runs/$SLURM_JOB_ID)")
+    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--max-epochs", type=int, default=-1)
+    p.add_argument("--devices", type=int, default=1, help="processes (CPU ranks); >1 uses DDP over gloo")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--val-every", type=float, default=None, help="val_check_interval (batches if >1, fraction if <=1)")
+    p.add_argument("--onecycle", action="store_true", help="OneCycleLR sized by trainer.estimated_stepping_batches")
+    p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep in each training step")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--record", default=None, help="append per-batch losses and final weights digest (JSON lines)")
+    p.add_argument("--requeue", default="auto")
+    p.add_argument("--max-requeues", type=int, default=None)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("PL_DISABLE_FORK", "1")
+    import warnings
+
+    import pytorch_lightning as pl
+
+    from preemptible import PreemptionCallback
+    from preemptible.examples import BlobsData, TinyModel
+
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*number of training batches.*")
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    cb = PreemptionCallback(run_dir=args.run_dir, requeue=args.requeue, max_requeues=args.max_requeues)
+    model = TinyModel(step_sleep=args.step_sleep, record=args.record, onecycle=args.onecycle)
+    data = BlobsData(samples=args.samples, batch_size=args.batch_size, num_workers=args.num_workers)
+    val_kwargs: dict = {"limit_val_batches": 0}
+    if args.val_every is not None:
+        every = int(args.val_every) if args.val_every > 1 else args.val_every
+        val_kwargs = {"val_check_interval": every, "limit_val_batches": 2, "num_sanity_val_steps": 0}
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy="ddp" if args.devices * args.num_nodes > 1 else "auto",
+        max_steps=args.max_steps,
+        max_epochs=args.max_epochs,
+        accumulate_grad_batches=args.accumulate,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        **val_kwargs,
+    )
+    trainer.fit(model, datamodule=data, ckpt_path=cb.resume_path())
+    if trainer.is_global_zero:
+        print(f"training finished at global step {trainer.global_step}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
