@@ -80,3 +80,36 @@ class RunDirectory:
     def requeues_so_far(self) -> int:
         """Requeues already spent: the larger of SLURM's restart count and the run's own count."""
         return max(self.env.restart_count, int(self.read_record().get("requeues", 0)))
+
+
+class ProgressFile:
+    """``<run_dir>/progress.json``: the latest step, for ``preemptible run``/``status`` while the job runs.
+
+    Written by global rank 0 at most every ``$PREEMPTIBLE_PROGRESS_INTERVAL`` seconds (default 1;
+    ``preemptible run --preempt-at-step`` sets 0 to follow every step). No fsync: it is a hint.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.interval = float(os.environ.get("PREEMPTIBLE_PROGRESS_INTERVAL", "1"))
+        self._last = 0.0
+
+    def report(self, step: int, epoch: int, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        tmp = self.path.with_name(f".tmp-progress.{os.getpid()}")
+        try:
+            tmp.write_text(f'{{"step": {step}, "epoch": {epoch}, "time": {time.time()}, "pid": {os.getpid()}}}')
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # a full disk must not stop training over a hint file
+
+
+def read_progress(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        data = read_json(Path(run_dir) / "progress.json")
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None

@@ -22,7 +22,7 @@ from preemptible.lightning.loaders import LoaderTracker
 from preemptible.lightning.saving import save_emergency_checkpoint
 from preemptible.requeue import RequeueBackend, RequeueError, select_backend
 from preemptible.rng import capture_rng
-from preemptible.rundir import RunDirectory, resolve_run_dir
+from preemptible.rundir import ProgressFile, RunDirectory, resolve_run_dir
 from preemptible.signals import DEFAULT_SIGNALS, SignalRecorder
 
 log = logging.getLogger(__name__)
@@ -161,6 +161,7 @@ class PreemptionCallback(Callback):
                               "mid-epoch resume will replay or skip batches", stacklevel=2)
         self._agreement = make_agreement(trainer.world_size)
         self._backend = select_backend(self.requeue, self.env)
+        self._progress = ProgressFile(run.path / "progress.json")
         ckpt = trainer.ckpt_path
         if trainer.is_global_zero:
             event = "resume" if ckpt else "start"
@@ -178,6 +179,9 @@ class PreemptionCallback(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.signals.install()
         self._last_step = self._start_step = trainer.global_step
+        if trainer.is_global_zero:
+            self._rundir().journal.append("train_start", step=trainer.global_step, epoch=trainer.current_epoch)
+            self._progress.report(trainer.global_step, trainer.current_epoch, force=True)
         # A signal that came before the first step (during set-up or the sanity check): stop now.
         # This is a blocking agreement, once per fit, so every rank leaves together.
         note = self.signals.note
@@ -193,6 +197,8 @@ class PreemptionCallback(Callback):
         if step == self._last_step:
             return  # inside a gradient-accumulation window: never stop here
         self._last_step = step
+        if trainer.is_global_zero:
+            self._progress.report(step, trainer.current_epoch)
         note = self.signals.note
         if note is not None and not self._signal_logged:
             self._signal_logged = True

@@ -1,0 +1,80 @@
+"""``preemptible run``: the local preemption simulator."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from preemptible.exit import REQUEUE_EXIT_CODE
+from preemptible.simulator import LocalSupervisor, Preemption, RunSummary
+
+EXAMPLES = f"""
+examples:
+  # preempt once with SIGUSR1 when training reaches step 20, relaunch, resume
+  preemptible run --run-dir runs/exp1 --preempt-at-step 20 -- python train.py
+
+  # SIGTERM (what SLURM sends on preemption) 30 s after start, at most 3 relaunches
+  preemptible run --run-dir runs/exp1 --preempt-after 30 --signal TERM --max-restarts 3 -- python train.py
+
+  # preempt twice: at step 10 in the first attempt and at step 25 in the second
+  preemptible run --run-dir runs/exp1 --preempt-at-step 10 --preempt-at-step 25 -- python train.py
+
+The command is relaunched while it exits with {REQUEUE_EXIT_CODE} (preemptible.REQUEUE_EXIT_CODE).
+"""
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("run", help="run a training command, preempt it with a real signal, relaunch it",
+                       description="Run COMMAND, send it a real signal at a planned point (whole process tree), "
+                                   "relaunch it while it asks to be requeued, and print what happened.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--preempt-at-step", type=int, action="append", metavar="N",
+                      help="signal when training reaches global step N (repeat for later attempts)")
+    when.add_argument("--preempt-after", type=float, action="append", metavar="SECONDS",
+                      help="signal SECONDS after the attempt starts (repeat for later attempts)")
+    p.add_argument("--signal", default="USR1", help="USR1 (sbatch --signal), TERM (preemption), USR2 (submitit); default USR1")
+    p.add_argument("--target", default="tree", help="'tree' (every process, like SLURM) or 'rank:N' (one rank only)")
+    p.add_argument("--max-restarts", type=int, default=10, metavar="K", help="relaunch at most K times (default 10)")
+    p.add_argument("--run-dir", default=None, help="run directory (exported as PREEMPTIBLE_RUN_DIR); needed for --preempt-at-step")
+    p.add_argument("--timeout", type=float, default=3600, help="kill an attempt that runs longer than this (seconds)")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
+    p.set_defaults(func=run_command)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    plan = [Preemption(at_step=n, signal=args.signal, target=args.target) for n in args.preempt_at_step or []]
+    plan += [Preemption(after_seconds=s, signal=args.signal, target=args.target) for s in args.preempt_after or []]
+    console = Console(stderr=True)
+    supervisor = LocalSupervisor(command, run_dir=args.run_dir, plan=plan, max_restarts=args.max_restarts,
+                                 timeout=args.timeout, on_event=lambda line: console.print(f"[bold cyan]preemptible run[/]: {line}"))
+    summary = supervisor.run()
+    console.print(summary_table(summary))
+    code = summary.exit_code
+    return 1 if code is None else (code if code >= 0 else 128 - code)
+
+
+def summary_table(summary: RunSummary) -> Any:
+    from rich.table import Table
+
+    table = Table(title="preemptible run: summary", title_justify="left")
+    for col in ("attempt", "exit", "signal", "sent at step", "stopped at step", "resumed from", "signal→commit s", "restart s"):
+        table.add_column(col, justify="right")
+    for i, a in enumerate(summary.attempts):
+        nxt = summary.attempts[i + 1] if i + 1 < len(summary.attempts) else None
+        table.add_row(
+            str(a.index), _fmt(a.exit_code) + (" (killed: timeout)" if a.timed_out else ""),
+            a.signal_name or "-", _fmt(a.signal_step), _fmt(a.stop_step),
+            _fmt(nxt.resumed_from_step) if nxt else "-",
+            _fmt(a.signal_to_commit, "{:.3f}"), _fmt(summary.restart_seconds(i), "{:.1f}"),
+        )
+    return table
+
+
+def _fmt(value: Any, pattern: str = "{}") -> str:
+    return "-" if value is None else pattern.format(value)
