@@ -57,6 +57,8 @@ class TinyModel(pl.LightningModule):
         x, y = batch
         loss = nn.functional.cross_entropy(self.net(x), y)
         self.log("val_loss", loss, sync_dist=True)
+        if self.step_sleep:
+            time.sleep(self.step_sleep)
         if not self.trainer.sanity_checking:
             self._record(kind="val", batch=batch_idx, loss=loss)
 

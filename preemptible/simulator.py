@@ -28,6 +28,8 @@ class Preemption:
 
     at_step: Optional[int] = None
     after_seconds: Optional[float] = None
+    #: signal once the run's journal records this event in the current attempt ("start", "resume", "train_start").
+    at_event: Optional[str] = None
     signal: signal.Signals = signal.SIGUSR1
     #: "tree" (every process of the job, as SLURM does), or "rank:N" (only that rank's process).
     target: str = "tree"
@@ -36,8 +38,8 @@ class Preemption:
     interval: float = 0.0
 
     def __post_init__(self) -> None:
-        if (self.at_step is None) == (self.after_seconds is None):
-            raise ValueError("a Preemption needs exactly one of at_step or after_seconds")
+        if sum(x is not None for x in (self.at_step, self.after_seconds, self.at_event)) != 1:
+            raise ValueError("a Preemption needs exactly one of at_step, after_seconds or at_event")
         self.signal = parse_signal(self.signal)
 
 
@@ -108,7 +110,7 @@ class LocalSupervisor:
             raise ValueError("no command to run: put it after '--', e.g. preemptible run -- python train.py")
         self.command = list(command)
         self.run_dir = Path(run_dir) if run_dir is not None else _run_dir_from_env()
-        if any(p.at_step is not None for p in plan) and self.run_dir is None:
+        if any(p.at_step is not None or p.at_event is not None for p in plan) and self.run_dir is None:
             raise ValueError("--preempt-at-step needs the run directory to follow training progress: "
                              "pass --run-dir or export PREEMPTIBLE_RUN_DIR")
         self.plan = list(plan)
@@ -198,6 +200,10 @@ class LocalSupervisor:
     def _due(self, p: Preemption, attempt: Attempt) -> bool:
         if p.after_seconds is not None:
             return time.time() - attempt.started >= p.after_seconds
+        if p.at_event is not None:
+            assert self.run_dir is not None
+            return any(e.get("event") == p.at_event and e.get("time", 0) >= attempt.started
+                       for e in read_events(self.run_dir / "events.jsonl"))
         progress = read_progress(self.run_dir) if self.run_dir else None
         return bool(progress and progress.get("time", 0) >= attempt.started and progress.get("step", -1) >= (p.at_step or 0))
 

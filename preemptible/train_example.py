@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=float, default=None, help="val_check_interval (batches if >1, fraction if <=1)")
     p.add_argument("--onecycle", action="store_true", help="OneCycleLR sized by trainer.estimated_stepping_batches")
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep in each training step")
+    p.add_argument("--sanity-steps", type=int, default=0, help="validation batches in the sanity check (needs --val-every)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--record", default=None, help="append per-batch losses and final weights digest (JSON lines)")
     p.add_argument("--requeue", default="auto")
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     val_kwargs: dict = {"limit_val_batches": 0}
     if args.val_every is not None:
         every = int(args.val_every) if args.val_every > 1 else args.val_every
-        val_kwargs = {"val_check_interval": every, "limit_val_batches": 2, "num_sanity_val_steps": 0}
+        val_kwargs = {"val_check_interval": every, "limit_val_batches": 2, "num_sanity_val_steps": args.sanity_steps}
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,

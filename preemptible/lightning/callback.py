@@ -109,6 +109,7 @@ class PreemptionCallback(Callback):
         self._last_step = -1
         self._start_step = -1
         self._stop_after_validation: int = 0
+        self._stop_at_next_boundary: int = 0
         self._signal_logged = False
         self._fitting = False
 
@@ -146,6 +147,7 @@ class PreemptionCallback(Callback):
             return
         self._fitting = True
         run = self._rundir()
+        run.journal.rank = trainer.global_rank
         if trainer.is_global_zero:
             run.create()
         self.signals.install()
@@ -199,12 +201,21 @@ class PreemptionCallback(Callback):
         self._last_step = step
         if trainer.is_global_zero:
             self._progress.report(step, trainer.current_epoch)
+        if self._stop_at_next_boundary:
+            decided, self._stop_at_next_boundary = self._stop_at_next_boundary, 0
+            self._emergency_stop(trainer, decided)
         note = self.signals.note
         if note is not None and not self._signal_logged:
             self._signal_logged = True
             self._rundir().journal.append("signal", signal=note.name, count=note.count, received_at=note.first_at, step=step)
         decided = self._agreement.step(note.signum if note else 0)
         if not decided:
+            return
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            # Lightning (2.6) resumes a checkpoint taken on an epoch's last batch one epoch too far
+            # (the next epoch is counted but never trained). Stop at the next step boundary instead:
+            # one step later, after the epoch's end-of-epoch validation and hooks, like an uninterrupted run.
+            self._stop_at_next_boundary = decided
             return
         if _validation_due(trainer):
             # The uninterrupted run validates right after this batch; do the same before saving, so
@@ -219,7 +230,7 @@ class PreemptionCallback(Callback):
             self._emergency_stop(trainer, decided)
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if trainer.is_global_zero and self._run is not None and trainer.state.status == "finished":
+        if trainer.is_global_zero and self._run is not None:
             self._run.journal.append("finish", step=trainer.global_step)
             self._run.update_record(status="finished", finished_step=trainer.global_step)
 
