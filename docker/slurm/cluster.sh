@@ -42,9 +42,10 @@ case "$ROLE" in
   *) die "PREEMPTIBLE_SLURM_ROLE must be all, controller or compute (got '$ROLE')" ;;
 esac
 
-# The nodes this host waits for: a compute host its own, the controller (and `all`) every node.
+# The nodes this host waits for: its own node. A controller waits for none, so that it does not
+# depend on the order in which the hosts come up.
 my_nodes() {
-  if [[ "$ROLE" == compute ]]; then echo "$NODE_NAME"; else echo "$NODES"; fi
+  echo "$NODE_NAME"
 }
 
 # Poll `$@` until it succeeds or TIMEOUT seconds pass; never a fixed sleep.
@@ -211,8 +212,8 @@ cmd_start() {
     controller) start_slurmctld ;;
     compute) wait_until "slurmctld on $CONTROLLER" scontrol ping; start_slurmd ;;
   esac
-  wait_until "node(s) $(my_nodes) to become idle" nodes_up "$(my_nodes)"
-  log "cluster up; state, logs and jobcomp file in $DIR"
+  [[ -z "$(my_nodes)" ]] || wait_until "node $(my_nodes) to become idle" nodes_up "$(my_nodes)"
+  log "$ROLE up; state, logs and jobcomp file in $DIR"
   printf 'export SLURM_CONF=%s\n' "$CONF"
 }
 
@@ -270,7 +271,7 @@ cmd_status() {
   [[ -n "$NODE_NAME" ]] && report slurmd "$DIR/slurmd-$NODE_NAME.pid" slurmd
   if [[ -e "$CONF" ]] && scontrol ping >/dev/null 2>&1; then
     sinfo -N -o '%N %P %t' || true
-    nodes_up "$(my_nodes)" || ok=1
+    [[ -z "$(my_nodes)" ]] || nodes_up "$(my_nodes)" || ok=1
   else
     ok=1
   fi

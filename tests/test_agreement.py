@@ -1,0 +1,56 @@
+"""Agreement across 2 real gloo processes: a vote on one rank stops both on the same boundary."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, vote_at: dict, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from preemptible.agreement import DistributedStopAgreement
+
+    agreement = DistributedStopAgreement()
+    stopped_at = None
+    for step in range(1, 50):
+        decided = agreement.step(10 if vote_at.get(rank) == step else 0)
+        if decided:
+            stopped_at = (step, decided)
+            break
+    agreement.close()
+    out.put((rank, stopped_at))
+    dist.destroy_process_group()
+
+
+def _run(vote_at: dict) -> dict:
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, port, vote_at, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    return results
+
+
+def test_one_rank_votes_both_stop_on_the_same_step_with_one_step_latency() -> None:
+    results = _run({1: 5})
+    assert results == {0: (6, 10), 1: (6, 10)}
+
+
+def test_votes_at_different_steps_stop_on_the_first() -> None:
+    results = _run({0: 9, 1: 3})
+    assert results[0] == results[1] == (4, 10)
