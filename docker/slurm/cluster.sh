@@ -42,18 +42,16 @@ case "$ROLE" in
   *) die "PREEMPTIBLE_SLURM_ROLE must be all, controller or compute (got '$ROLE')" ;;
 esac
 
-# The nodes this host waits for: its own node. A controller waits for none, so that it does not
-# depend on the order in which the hosts come up.
-my_nodes() {
-  echo "$NODE_NAME"
-}
-
-# Poll `$@` until it succeeds or TIMEOUT seconds pass; never a fixed sleep.
+# Poll `$@` until it succeeds, or fail after TIMEOUT seconds; never a fixed sleep. Under
+# `set -e` a failed wait ends the script unless the caller handles it.
 wait_until() {
   local what="$1"; shift
   local deadline=$((SECONDS + TIMEOUT))
   until "$@" >/dev/null 2>&1; do
-    ((SECONDS < deadline)) || die "timed out after ${TIMEOUT}s waiting for $what (logs in $DIR)"
+    if ((SECONDS >= deadline)); then
+      log "error: timed out after ${TIMEOUT}s waiting for $what (logs in $DIR)"
+      return 1
+    fi
     sleep 0.5
   done
 }
@@ -189,12 +187,10 @@ start_slurmd() {
 }
 
 # A node is usable when it responds (no `*` suffix) and is neither down nor drained.
-nodes_up() {
-  local node state
-  for node in ${1//,/ }; do
-    state="$(sinfo -h -N -n "$node" -o %t 2>/dev/null | head -n 1)"
-    [[ "$state" =~ ^(idle|mix|alloc|comp)$ ]] || return 1
-  done
+node_up() {
+  local state
+  state="$(sinfo -h -N -n "$1" -o %t 2>/dev/null | head -n 1)"
+  [[ "$state" =~ ^(idle|mix|alloc|comp)$ ]]
 }
 
 cmd_start() {
@@ -212,7 +208,8 @@ cmd_start() {
     controller) start_slurmctld ;;
     compute) wait_until "slurmctld on $CONTROLLER" scontrol ping; start_slurmd ;;
   esac
-  [[ -z "$(my_nodes)" ]] || wait_until "node $(my_nodes) to become idle" nodes_up "$(my_nodes)"
+  # A host waits for its own node only: a controller does not depend on the order hosts come up.
+  [[ -z "$NODE_NAME" ]] || wait_until "node $NODE_NAME to become idle" node_up "$NODE_NAME"
   log "$ROLE up; state, logs and jobcomp file in $DIR"
   printf 'export SLURM_CONF=%s\n' "$CONF"
 }
@@ -271,7 +268,7 @@ cmd_status() {
   [[ -n "$NODE_NAME" ]] && report slurmd "$DIR/slurmd-$NODE_NAME.pid" slurmd
   if [[ -e "$CONF" ]] && scontrol ping >/dev/null 2>&1; then
     sinfo -N -o '%N %P %t' || true
-    [[ -z "$(my_nodes)" ]] || nodes_up "$(my_nodes)" || ok=1
+    [[ -z "$NODE_NAME" ]] || node_up "$NODE_NAME" || ok=1
   else
     ok=1
   fi
