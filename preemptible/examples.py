@@ -6,9 +6,6 @@ It has the ingredients that make exact resume hard: dropout, BatchNorm, random a
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import time
 from typing import Any
 
@@ -37,30 +34,27 @@ class NoisyBlobs(Dataset):
 
 
 class TinyModel(pl.LightningModule):
-    def __init__(self, dim: int = 16, hidden: int = 32, lr: float = 0.1, step_sleep: float = 0.0,
-                 record: str | None = None, onecycle: bool = False) -> None:
+    def __init__(self, dim: int = 16, hidden: int = 32, lr: float = 0.1, step_sleep: float = 0.0, onecycle: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 2))
         self.step_sleep = step_sleep
-        self.record = record
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = nn.functional.cross_entropy(self.net(x), y)
-        self._record(kind="train", batch=batch_idx, loss=loss)
         if self.step_sleep:
             time.sleep(self.step_sleep)
         return loss
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
+        # Dropout is off in eval mode; the noise in the dataset still draws from the RNG.
         loss = nn.functional.cross_entropy(self.net(x), y)
         self.log("val_loss", loss, sync_dist=True)
         if self.step_sleep:
             time.sleep(self.step_sleep)
-        if not self.trainer.sanity_checking:
-            self._record(kind="val", batch=batch_idx, loss=loss)
+        return loss
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
@@ -70,29 +64,6 @@ class TinyModel(pl.LightningModule):
         else:
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.9)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_fit_end(self) -> None:
-        self._record(kind="final", weights=state_digest(self))
-
-    def _record(self, kind: str, loss: torch.Tensor | None = None, **fields: Any) -> None:
-        if not self.record:
-            return
-        entry: dict[str, Any] = {"kind": kind, "rank": self.global_rank, "epoch": self.current_epoch,
-                                 "step": self.global_step, "attempt": int(os.environ.get("PREEMPTIBLE_ATTEMPT", "0")),
-                                 "restart": int(os.environ.get("SLURM_RESTART_COUNT", "0")), **fields}
-        if loss is not None:
-            entry["loss"] = float(loss.detach()).hex()
-        with open(self.record, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-
-
-def state_digest(module: nn.Module) -> str:
-    """sha256 over the module's state_dict, in key order: equal digests mean bitwise-equal weights and buffers."""
-    h = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        h.update(key.encode())
-        h.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if value.dim() else value.detach().cpu().reshape(1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 class BlobsData(pl.LightningDataModule):
@@ -107,3 +78,8 @@ class BlobsData(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return DataLoader(NoisyBlobs(max(self.samples // 4, self.batch_size), seed=self.seed + 1), batch_size=self.batch_size,
                           num_workers=0)
+
+
+def example_factory(samples: int = 256, batch_size: int = 16, num_workers: int = 0) -> tuple[Any, Any, dict[str, Any]]:
+    """A factory for ``preemptible check preemptible.examples:example_factory``."""
+    return TinyModel(), BlobsData(samples=samples, batch_size=batch_size, num_workers=num_workers), {"limit_val_batches": 0}

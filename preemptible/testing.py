@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from preemptible.simulator import Attempt, LocalSupervisor, Preemption, RunSummary
+from preemptible.tracing import SignalAtStep, StepRecorder, state_digest
 
-__all__ = ["run_preempted", "Preemption", "RunSummary", "Attempt", "assert_resumed_on_same_step"]
+__all__ = ["run_preempted", "Preemption", "RunSummary", "Attempt", "assert_resumed_on_same_step",
+           "StepRecorder", "SignalAtStep", "state_digest"]
 
 
 def run_preempted(

@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sanity-steps", type=int, default=0, help="validation batches in the sanity check (needs --val-every)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--record", default=None, help="append per-batch losses and final weights digest (JSON lines)")
+    p.add_argument("--signal-at", action="append", default=None, metavar="POINT",
+                   help="testing: the process sends itself SIGUSR1 at POINT ('N', 'N+' or 'vN', see "
+                        "preemptible.testing.SignalAtStep); repeat for later attempts")
+    p.add_argument("--signal-rank", type=int, action="append", default=None, help="testing: only this rank signals itself")
     p.add_argument("--requeue", default="auto")
     p.add_argument("--max-requeues", type=int, default=None)
     return p
@@ -46,12 +50,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from preemptible import PreemptionCallback
     from preemptible.examples import BlobsData, TinyModel
+    from preemptible.tracing import SignalAtStep, StepRecorder
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*number of training batches.*")
     pl.seed_everything(args.seed, workers=True, verbose=False)
     cb = PreemptionCallback(run_dir=args.run_dir, requeue=args.requeue, max_requeues=args.max_requeues)
-    model = TinyModel(step_sleep=args.step_sleep, record=args.record, onecycle=args.onecycle)
+    model = TinyModel(step_sleep=args.step_sleep, onecycle=args.onecycle)
+    callbacks: list = [cb]
+    if args.record:
+        callbacks.append(StepRecorder(args.record))
+    if args.signal_at:
+        callbacks.append(SignalAtStep(args.signal_at, ranks=args.signal_rank))
     data = BlobsData(samples=args.samples, batch_size=args.batch_size, num_workers=args.num_workers)
     val_kwargs: dict = {"limit_val_batches": 0}
     if args.val_every is not None:
@@ -65,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_steps=args.max_steps,
         max_epochs=args.max_epochs,
         accumulate_grad_batches=args.accumulate,
-        callbacks=[cb],
+        callbacks=callbacks,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

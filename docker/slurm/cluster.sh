@@ -56,17 +56,24 @@ wait_until() {
   done
 }
 
-# True when the pid file names a live process whose command is $2 (guards against pid reuse).
-# A zombie counts as gone: where PID 1 reaps slowly a stopped daemon lingers as one.
-pid_alive() {
-  local pidfile="$1" comm="$2" pid stat
-  [[ -s "$pidfile" ]] || return 1
-  pid="$(<"$pidfile")"
-  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
-  stat="$(cat "/proc/$pid/stat" 2>/dev/null)" || return 1
+# True when process $1 is alive and its command is $2 (guards against pid reuse). A zombie
+# counts as gone: where PID 1 reaps slowly, a stopped daemon lingers as one.
+proc_alive() {
+  local stat
+  stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
   # /proc/PID/stat is "PID (COMM) STATE ...".
-  [[ "$stat" == "$pid ($comm) "* && "$stat" != "$pid ($comm) Z"* ]]
+  [[ "$stat" == "$1 ($2) "* && "$stat" != "$1 ($2) Z"* ]]
 }
+
+# The pid in pid file $1 when that process is alive with command $2; fails otherwise.
+pid_of() {
+  local pid
+  # The daemon may delete its pid file as this reads it.
+  pid="$(cat "$1" 2>/dev/null)" || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] && proc_alive "$pid" "$2" && echo "$pid"
+}
+
+pid_alive() { pid_of "$1" "$2" >/dev/null; }
 
 install_packages() {
   local missing=0 tool
@@ -205,25 +212,30 @@ cmd_start() {
   start_munge
   case "$ROLE" in
     all) start_slurmctld; start_slurmd ;;
-    controller) start_slurmctld ;;
+    controller)
+      # slurmctld looks the nodes up when it starts; containers get their DNS names as they start.
+      local node
+      for node in ${NODES//,/ }; do wait_until "host $node to resolve" getent hosts "$node"; done
+      start_slurmctld ;;
     compute) wait_until "slurmctld on $CONTROLLER" scontrol ping; start_slurmd ;;
   esac
   # A host waits for its own node only: a controller does not depend on the order hosts come up.
   [[ -z "$NODE_NAME" ]] || wait_until "node $NODE_NAME to become idle" node_up "$NODE_NAME"
-  log "$ROLE up; state, logs and jobcomp file in $DIR"
+  log "${ROLE/#all/cluster} up; state, logs and jobcomp file in $DIR"
   printf 'export SLURM_CONF=%s\n' "$CONF"
 }
 
-# Send SIGTERM to the daemon of a pid file, SIGKILL if it is still there after TIMEOUT.
+# Send SIGTERM to the daemon of a pid file, SIGKILL if it is still there after TIMEOUT. The
+# process itself is watched: slurmctld deletes its pid file before it has finished exiting.
 stop_daemon() {
-  local pidfile="$1" comm="$2"
-  pid_alive "$pidfile" "$comm" || { rm -f "$pidfile"; return 0; }
-  kill "$(<"$pidfile")"
+  local pidfile="$1" comm="$2" pid
+  pid="$(pid_of "$pidfile" "$comm")" || { rm -f "$pidfile"; return 0; }
+  kill "$pid"
   local deadline=$((SECONDS + TIMEOUT))
-  while pid_alive "$pidfile" "$comm"; do
+  while proc_alive "$pid" "$comm"; do
     if ((SECONDS >= deadline)); then
       log "$comm did not stop on SIGTERM; sending SIGKILL"
-      kill -9 "$(<"$pidfile")" 2>/dev/null || true
+      kill -9 "$pid" 2>/dev/null || true
       break
     fi
     sleep 0.2
@@ -239,7 +251,7 @@ cmd_stop() {
   # training keeps running after the cluster is gone.
   if [[ "$ROLE" != compute ]] && pid_alive "$DIR/slurmctld.pid" slurmctld; then
     local jobs
-    jobs="$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')"
+    jobs="$(squeue -h -o %i 2>/dev/null | tr '\n' ' ')" || jobs=""
     if [[ -n "${jobs// /}" ]]; then
       log "cancelling jobs: $jobs"
       # shellcheck disable=SC2086  # one argument per job id
@@ -254,9 +266,9 @@ cmd_stop() {
 }
 
 cmd_status() {
-  local ok=0 line
+  local ok=0 line pid
   report() {  # name, pidfile, comm
-    if pid_alive "$2" "$3"; then line="running (pid $(<"$2"))"; else line="not running"; ok=1; fi
+    if pid="$(pid_of "$2" "$3")"; then line="running (pid $pid)"; else line="not running"; ok=1; fi
     printf '%-10s %s\n' "$1" "$line"
   }
   if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then

@@ -7,6 +7,7 @@ import os
 import signal
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -110,6 +111,7 @@ class PreemptionCallback(Callback):
         self._start_step = -1
         self._stop_after_validation: int = 0
         self._stop_at_next_boundary: int = 0
+        self._stop: _Stop | None = None
         self._signal_logged = False
         self._fitting = False
 
@@ -189,9 +191,16 @@ class PreemptionCallback(Callback):
         note = self.signals.note
         decided = self._agreement.now(note.signum if note else 0)
         if decided:
-            self._emergency_stop(trainer, decided, save=False)
+            self._stop = _Stop(step=trainer.global_step, reason=_signal_name(decided), checkpoint=self._resumed_from)
+            if trainer.is_global_zero:
+                self._rundir().journal.append("stop_agreed", step=trainer.global_step, reason=self._stop.reason)
+            self._leave(trainer)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if self._stop is not None:
+            # The checkpoint was taken at the end of the previous batch; leaving only now lets every
+            # other callback and the LightningModule finish that batch's hooks (logging, metrics).
+            self._leave(trainer)
         self._loaders.before_first_resumed_batch()
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -203,7 +212,8 @@ class PreemptionCallback(Callback):
             self._progress.report(step, trainer.current_epoch)
         if self._stop_at_next_boundary:
             decided, self._stop_at_next_boundary = self._stop_at_next_boundary, 0
-            self._emergency_stop(trainer, decided)
+            self._checkpoint(trainer, decided)
+            return
         note = self.signals.note
         if note is not None and not self._signal_logged:
             self._signal_logged = True
@@ -222,12 +232,18 @@ class PreemptionCallback(Callback):
             # the resumed run neither skips that validation nor shifts the random stream.
             self._stop_after_validation = decided
             return
-        self._emergency_stop(trainer, decided)
+        self._checkpoint(trainer, decided)
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._stop_after_validation and not trainer.sanity_checking:
             decided, self._stop_after_validation = self._stop_after_validation, 0
-            self._emergency_stop(trainer, decided)
+            self._checkpoint(trainer, decided)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._stop is not None and trainer.is_global_zero:
+            # Training reached its end right after the emergency checkpoint: nothing left to requeue for.
+            self._rundir().journal.append("stop_cancelled", step=trainer.global_step, reason="training finished")
+        self._stop = None
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.is_global_zero and self._run is not None:
@@ -278,25 +294,32 @@ class PreemptionCallback(Callback):
     def _rank_state(self, trainer: Optional["pl.Trainer"]) -> dict[str, Any]:
         return {"rng": capture_rng(), "loaders": self._loaders.state(trainer)}
 
-    def _emergency_stop(self, trainer: "pl.Trainer", decided: int, save: bool = True) -> None:
+    def _checkpoint(self, trainer: "pl.Trainer", decided: int) -> None:
+        """Every rank, same step: write the emergency checkpoint; leave at the next batch start."""
         run = self._rundir()
         reason = _signal_name(decided)
-        note = self.signals.note
         step = trainer.global_step
-        over_limit = run.requeues_so_far() >= self.max_requeues
         if trainer.is_global_zero:
             run.journal.append("stop_agreed", step=step, reason=reason)
-        stored = None
-        if save and not self._nothing_new_since_resume(trainer):
+        path = self._resumed_from
+        if not self._nothing_new_since_resume(trainer):
+            note = self.signals.note
             stored = save_emergency_checkpoint(
                 trainer, run, self._agreement, step=step, reason=reason,
                 rank_state=self._rank_state(trainer), set_gathered=self._set_gathered,
                 protect={self._resumed_from} if self._resumed_from else set(), signal_at=note.first_at if note else None,
             )
-        path = str(stored.path) if stored else (str(self._resumed_from) if self._resumed_from else None)
+            path = stored.path if stored else None
+        self._stop = _Stop(step=step, reason=reason, checkpoint=path)
+
+    def _leave(self, trainer: "pl.Trainer") -> None:
+        """Ask for the requeue (rank 0) and leave ``fit`` on every rank."""
+        assert self._stop is not None
+        stop, run = self._stop, self._rundir()
+        step, path = stop.step, str(stop.checkpoint) if stop.checkpoint else None
         self.signals.restore()
         if trainer.is_global_zero:
-            if over_limit:
+            if run.requeues_so_far() >= self.max_requeues:
                 message = (f"preemptible: requeue limit reached ({self.max_requeues} requeues used). Not requeueing; "
                            f"the checkpoint at step {step} is kept ({path}). Resubmit by hand to continue, or raise "
                            "max_requeues / PREEMPTIBLE_MAX_REQUEUES.")
@@ -319,8 +342,8 @@ class PreemptionCallback(Callback):
                               last_preempted_step=step)
             run.journal.append("requeue", backend=outcome.backend, outcome="requested" if outcome.requested else "none",
                                detail=outcome.detail, step=step)
-        exc = Preempted(step=step, checkpoint=path, reason=reason)
-        run.journal.append("exit", code=exc.code, reason=reason, step=step)
+        exc = Preempted(step=step, checkpoint=path, reason=stop.reason)
+        run.journal.append("exit", code=exc.code, reason=stop.reason, step=step)
         print(f"preemptible: rank {trainer.global_rank} {exc}", flush=True)
         self._exit_after_children(trainer)
         raise exc
@@ -338,6 +361,13 @@ class PreemptionCallback(Callback):
         return (self._resumed_from is not None and trainer.ckpt_path is not None
                 and Path(trainer.ckpt_path).resolve() == self._resumed_from.resolve()
                 and trainer.global_step == self._start_step)
+
+
+@dataclass(frozen=True)
+class _Stop:
+    step: int
+    reason: str
+    checkpoint: Path | None
 
 
 def _validation_due(trainer: "pl.Trainer") -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytorch_lightning as pl
@@ -101,11 +102,5 @@ def save_emergency_checkpoint(
                            seconds=round(commit_at - started, 4), reason=reason,
                            signal_to_commit_seconds=round(commit_at - stored.record.extra["signal_at"], 4)
                            if stored.record.extra.get("signal_at") else None)
-    return stored if stored is not None else _placeholder(final, step)
-
-
-def _placeholder(final: str, step: int) -> StoredCheckpoint:
-    """Ranks other than 0 learn the committed path (for messages) without reading the record."""
-    from pathlib import Path
-
-    return StoredCheckpoint(Path(final), CommitRecord(file=Path(final).name, step=step, bytes=0, sha256=""))
+    # Ranks other than 0 learn the committed path (for messages and the journal) from rank 0's broadcast.
+    return stored if stored is not None else StoredCheckpoint(Path(final), CommitRecord(file=Path(final).name, step=step, bytes=0, sha256=""))

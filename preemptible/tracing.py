@@ -1,0 +1,138 @@
+"""Lightning callbacks for checking exactness: record every step, or send a real signal at an exact step.
+
+:class:`StepRecorder` appends one JSON line per training (and validation) batch with the loss as
+an exact float hex string, and at the end the sha256 of every rank's state_dict. Two records are
+bitwise equal exactly when the runs were. :class:`SignalAtStep` makes a process send itself a real
+signal (``os.kill``) at a chosen point, so a test can preempt on an exact batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+
+def state_digest(module: nn.Module) -> str:
+    """sha256 over ``module.state_dict()`` in key order: equal digests mean bitwise-equal weights and buffers."""
+    h = hashlib.sha256()
+    for key, value in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(_tensor_bytes(value))
+    return h.hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _loss_of(outputs: Any) -> Optional[torch.Tensor]:
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict) and isinstance(outputs.get("loss"), torch.Tensor):
+        return outputs["loss"]
+    return None
+
+
+def _attempt() -> int:
+    return max(int(os.environ.get("PREEMPTIBLE_ATTEMPT", "0") or 0), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
+
+
+class StepRecorder(pl.Callback):
+    """Append ``{"kind", "rank", "epoch", "batch", "step", "attempt", "loss"}`` per batch to ``path``.
+
+    Args:
+        path: the JSON-lines file (all ranks append to it; each line is written whole).
+        params: also record a digest of the weights after every optimizer step (slower; used by
+            ``preemptible check`` to find the first step at which two runs part).
+        final_state: also save the final ``state_dict`` of each rank next to ``path`` (``.rankN.pt``),
+            so that the first differing tensor can be named.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], params: bool = False, final_state: bool = False) -> None:
+        self.path = Path(path)
+        self.params = params
+        self.final_state = final_state
+
+    def _write(self, trainer: "pl.Trainer", kind: str, batch_idx: Optional[int] = None, **fields: Any) -> None:
+        entry = {"kind": kind, "rank": trainer.global_rank, "epoch": trainer.current_epoch, "batch": batch_idx,
+                 "step": trainer.global_step, "attempt": _attempt(), **fields}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = _loss_of(outputs)
+        fields: dict[str, Any] = {"loss": float(loss.detach()).hex() if loss is not None else None}
+        if self.params:
+            fields["weights"] = state_digest(pl_module)
+        # global_step has already moved past this batch's optimizer step: record the step it trained at.
+        self._write(trainer, "train", batch_idx, **fields)
+
+    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        loss = _loss_of(outputs)
+        if not trainer.sanity_checking and loss is not None:
+            self._write(trainer, "val", batch_idx, loss=float(loss.detach()).hex())
+
+    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._write(trainer, "final", weights=state_digest(pl_module))
+        if self.final_state:
+            torch.save(pl_module.state_dict(), self.path.with_suffix(f".rank{trainer.global_rank}.pt"))
+
+
+class SignalAtStep(pl.Callback):
+    """Send a real signal to this process at an exact point of attempt number ``k`` (``at[k]``).
+
+    Points: ``"0"`` — when fit starts, before the first batch; ``"N"`` — right after the batch
+    that completed optimizer step N; ``"N+"`` — after the
+    next batch (inside a gradient-accumulation window when accumulating); ``"vN"`` — at the first
+    validation batch while the global step is N.
+
+    Args:
+        at: one point per attempt (``PREEMPTIBLE_ATTEMPT``/``SLURM_RESTART_COUNT`` picks it); attempts
+            past the list are left alone.
+        signum: the signal to send.
+        ranks: the global ranks that signal themselves (default all).
+    """
+
+    def __init__(self, at: Sequence[str], signum: int | signal.Signals = signal.SIGUSR1, ranks: Optional[Sequence[int]] = None) -> None:
+        attempt = _attempt()
+        self.point = at[attempt] if attempt < len(at) else None
+        self.signum = signum
+        self.ranks = set(ranks) if ranks is not None else None
+        self._fired = False
+        self._armed_after_step = False
+
+    def _fire(self, trainer: "pl.Trainer") -> None:
+        if not self._fired and (self.ranks is None or trainer.global_rank in self.ranks):
+            self._fired = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.point == "0":
+            self._fire(trainer)
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.point is None or self.point.startswith("v") or self.point == "0":
+            return
+        step = int(self.point.rstrip("+"))
+        if self._armed_after_step:
+            self._fire(trainer)
+        elif trainer.global_step == step:
+            if self.point.endswith("+"):
+                self._armed_after_step = True
+            else:
+                self._fire(trainer)
+
+    def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+                                  batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.point and self.point.startswith("v") and not trainer.sanity_checking and trainer.global_step == int(self.point[1:]):
+            self._fire(trainer)

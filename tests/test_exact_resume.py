@@ -1,0 +1,79 @@
+"""Exact continuation: after preemptions at awkward points, every loss and the final weights are
+bitwise those of an uninterrupted run (issue: exact continuation).
+
+The matrix is (1 process, 2-rank DDP) x (num_workers 0, 2) x three runs that each hold several
+preemption points — one relaunch per point keeps the number of process launches (each pays ~4 s
+of imports) reasonable:
+
+* positions: before the first batch, mid-epoch, on the last batch of an epoch (three preemptions in one run);
+* validation: on a step where validation is due, and during validation (with OneCycleLR sized by
+  ``trainer.estimated_stepping_batches``, which makes Lightning build the loaders early);
+* accumulation: inside a gradient-accumulation window.
+
+The dataset adds fresh random noise in ``__getitem__``, the model has dropout and BatchNorm, the
+loader is a plain ``DataLoader(shuffle=True)`` (Lightning injects ``DistributedSampler`` under DDP).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import assert_same_as_reference, example_command
+
+from preemptible.testing import assert_resumed_on_same_step, run_preempted
+
+COMBOS = [
+    pytest.param(1, 0, id="1proc-w0"),
+    pytest.param(1, 2, id="1proc-w2"),
+    pytest.param(2, 0, id="ddp2-w0", marks=pytest.mark.ddp),
+    pytest.param(2, 2, id="ddp2-w2", marks=pytest.mark.ddp),
+]
+
+
+def _batches_per_epoch(devices: int) -> int:
+    return 256 // 16 // devices  # samples / batch size / ranks
+
+
+def _scenario(name: str, devices: int) -> tuple[dict, list[str], int]:
+    """(options, signal points per attempt, max_steps)"""
+    per_epoch = _batches_per_epoch(devices)
+    if name == "positions":
+        last_of_second_epoch = 2 * per_epoch
+        # "0": before the first batch; "5": mid-epoch; the signal one step before the epoch's last
+        # batch makes the agreed stop land exactly on that last batch.
+        return {}, ["0", "5", str(last_of_second_epoch - 1)], last_of_second_epoch + 6
+    if name == "validation":
+        # validation every 4 batches: the stop agreed at step 4 is a step where validation is due;
+        # "v8" signals while validation of step 8 runs.
+        return {"val_every": 4, "onecycle": True}, ["3", "v8"], 14
+    if name == "accumulation":
+        return {"accumulate": 2}, ["3+"], 9
+    raise ValueError(name)
+
+
+@pytest.mark.parametrize("devices,workers", COMBOS)
+@pytest.mark.parametrize("scenario", ["positions", "validation", "accumulation"])
+def test_bitwise_identical_after_preemption(tmp_path: Path, devices: int, workers: int, scenario: str, reference_run) -> None:
+    options, points, steps = _scenario(scenario, devices)
+    options = dict(options, num_workers=workers)
+    record = tmp_path / "record.jsonl"
+    cmd = example_command(record, max_steps=steps, devices=devices, **options)
+    for point in points:
+        cmd += ["--signal-at", point]
+    summary = run_preempted(cmd, run_dir=tmp_path / "run", timeout=180, log=tmp_path / "log.txt")
+    log = (tmp_path / "log.txt").read_text()
+    assert summary.exit_code == 0, log[-4000:]
+    assert summary.preemptions == len(points), log[-4000:]
+    assert_resumed_on_same_step(summary)
+    if scenario == "positions":
+        stops = [a.stop_step for a in summary.attempts[:-1]]
+        assert stops[0] == 0, "a signal before the first batch stops before any step"
+        per_epoch = _batches_per_epoch(devices)
+        # the stop agreed on the epoch's last batch moves to the next step boundary (see README)
+        assert stops[2] == 2 * per_epoch + 1
+    if scenario == "validation":
+        stops = [a.stop_step for a in summary.attempts[:-1]]
+        assert stops[0] == 4, "stopped on the step where validation was due (after running it)"
+    compared = assert_same_as_reference(record, reference_run(max_steps=steps, devices=devices, **options))
+    assert compared >= steps * devices
