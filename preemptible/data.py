@@ -114,6 +114,7 @@ class ResumableBatches:
         self.epoch_seed = 0
         self.yielded = 0
         self.exhausted = False
+        self.sampler_epoch: int | None = None
         self.trained = 0  # set by the trainer integration just before a checkpoint is taken
         self._ahead: deque[tuple[int, dict[str, Any]]] = deque(maxlen=_MAX_AHEAD)
         self._plan: dict[str, Any] | None = None
@@ -129,8 +130,14 @@ class ResumableBatches:
 
     def __iter__(self) -> Iterator[Any]:
         plan, self._plan = self._plan, None
+        sampler = getattr(self.inner, "sampler", None)
         if plan is not None:
             restore_rng(plan["epoch_rng"])
+            # A DistributedSampler's order depends on its epoch. Loaders with workers pull indices as
+            # soon as their iterator exists, which on resume is before Lightning calls set_epoch().
+            if plan.get("sampler_epoch") is not None and callable(getattr(sampler, "set_epoch", None)):
+                sampler.set_epoch(plan["sampler_epoch"])
+        self.sampler_epoch = getattr(sampler, "epoch", None)
         self.epoch_rng = capture_rng()
         self.epoch_seed = _seed_from_state(self.epoch_rng["torch"])
         self.yielded, self.exhausted = 0, False
@@ -171,12 +178,13 @@ class ResumableBatches:
             "skip": self.trained,
             "inject": inject,
             "exhausted": self.exhausted and self.trained >= self.yielded,
+            "sampler_epoch": self.sampler_epoch,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != 1 or state.get("epoch_rng") is None:
             return
-        self._plan = {"epoch_rng": state["epoch_rng"], "skip": int(state["skip"]),
+        self._plan = {"epoch_rng": state["epoch_rng"], "skip": int(state["skip"]), "sampler_epoch": state.get("sampler_epoch"),
                       "inject": {int(k): v for k, v in state["inject"].items()}}
 
 

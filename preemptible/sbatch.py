@@ -25,8 +25,9 @@ import shlex
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
@@ -175,7 +176,7 @@ def check_count(option: str, value: int, minimum: int = 1) -> int:
     return value
 
 
-def parse_time(value: str) -> Optional[int]:
+def parse_time(value: str) -> int | None:
     """Seconds in a SLURM ``--time`` value, ``None`` for UNLIMITED/INFINITE.
 
     Accepted: ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``, ``UNLIMITED``, ``INFINITE``.
@@ -203,10 +204,10 @@ def build_values(
     ntasks_per_node: int = 1,
     gpus_per_node: int = 0,
     cpus_per_task: int = 1,
-    partition: Optional[str] = None,
-    time: Optional[str] = None,
+    partition: str | None = None,
+    time: str | None = None,
     signal_lead: int = DEFAULT_SIGNAL_LEAD,
-    max_requeues: Optional[int] = None,
+    max_requeues: int | None = None,
 ) -> dict[str, Any]:
     """Check every value and return all placeholders' values, ready for :func:`render_sbatch`.
 
@@ -277,7 +278,8 @@ def submit(script_text: str, sbatch: str = "sbatch", timeout: float = 60.0) -> s
         raise SubmitError(f"'{sbatch}' is not on PATH: run this on a SLURM login node, or start the local test "
                           "cluster (bash docker/slurm/cluster.sh start) and export the SLURM_CONF it prints")
     try:
-        done = subprocess.run([exe, "--parsable"], input=script_text, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run([exe, "--parsable"], input=script_text, capture_output=True, text=True, timeout=timeout,
+                              check=False)
     except subprocess.TimeoutExpired:
         raise SubmitError(f"sbatch did not answer within {timeout:.0f} s; is slurmctld up? (scontrol ping)") from None
     if done.returncode != 0:

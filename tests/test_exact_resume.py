@@ -36,17 +36,22 @@ def _batches_per_epoch(devices: int) -> int:
 
 
 def _scenario(name: str, devices: int) -> tuple[dict, list[str], int]:
-    """(options, signal points per attempt, max_steps)"""
+    """(options, signal points per attempt, max_steps)
+
+    A signal sent right after step N is noticed at the boundary of step N + 1; the stop is agreed
+    there with one process and one step later under DDP (the non-blocking agreement).
+    """
     per_epoch = _batches_per_epoch(devices)
+    latency = 1 if devices > 1 else 0
     if name == "positions":
         last_of_second_epoch = 2 * per_epoch
-        # "0": before the first batch; "5": mid-epoch; the signal one step before the epoch's last
-        # batch makes the agreed stop land exactly on that last batch.
-        return {}, ["0", "5", str(last_of_second_epoch - 1)], last_of_second_epoch + 6
+        # "0": before the first batch; "5": mid-epoch; the third is timed so that the stop is agreed
+        # exactly on the epoch's last batch.
+        return {}, ["0", "5", str(last_of_second_epoch - 1 - latency)], last_of_second_epoch + 6
     if name == "validation":
         # validation every 4 batches: the stop agreed at step 4 is a step where validation is due;
         # "v8" signals while validation of step 8 runs.
-        return {"val_every": 4, "onecycle": True}, ["3", "v8"], 14
+        return {"val_every": 4, "onecycle": True}, [str(3 - latency), "v8"], 14
     if name == "accumulation":
         return {"accumulate": 2}, ["3+"], 9
     raise ValueError(name)

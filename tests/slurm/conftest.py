@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Any, Callable, TypeVar
 
 import pytest
 
@@ -58,7 +59,7 @@ def parse_scontrol_line(line: str) -> dict[str, str]:
     A word without ``=`` belongs to the previous value (values such as ``Reason`` may hold spaces).
     """
     info: dict[str, str] = {}
-    key: Optional[str] = None
+    key: str | None = None
     for word in line.split():
         name, sep, value = word.partition("=")
         if sep and name:
@@ -69,7 +70,7 @@ def parse_scontrol_line(line: str) -> dict[str, str]:
     return info
 
 
-def job_info(job_id: str) -> Optional[dict[str, str]]:
+def job_info(job_id: str) -> dict[str, str] | None:
     """``scontrol show job -o JOB`` as a dict (``JobState``, ``Restarts``, ``ExitCode``, ``Reason``...).
 
     ``None`` once SLURM has forgotten the job (``MinJobAge`` after it ended).
@@ -80,7 +81,7 @@ def job_info(job_id: str) -> Optional[dict[str, str]]:
     return parse_scontrol_line(done.stdout.splitlines()[0])
 
 
-def _log_tail(log: Optional[Path], chars: int = 4000) -> str:
+def _log_tail(log: Path | None, chars: int = 4000) -> str:
     if log is None:
         return ""
     try:
@@ -89,7 +90,7 @@ def _log_tail(log: Optional[Path], chars: int = 4000) -> str:
         return f"\n--- {log}: {exc} ---"
 
 
-def wait_job_state(job_id: str, states: Iterable[str], timeout: float, log: Optional[Path] = None) -> dict[str, str]:
+def wait_job_state(job_id: str, states: Iterable[str], timeout: float, log: Path | None = None) -> dict[str, str]:
     """Wait until the job is in one of ``states``; returns its :func:`job_info`.
 
     Fails at once, with the job log's tail, when the job reaches another final state.
@@ -97,7 +98,7 @@ def wait_job_state(job_id: str, states: Iterable[str], timeout: float, log: Opti
     wanted = set(states)
     last: dict[str, Any] = {}
 
-    def reached() -> Optional[dict[str, str]]:
+    def reached() -> dict[str, str] | None:
         info = job_info(job_id)
         if info is None:
             raise AssertionError(f"SLURM no longer knows job {job_id} (last seen {last}){_log_tail(log)}")
@@ -132,11 +133,11 @@ class SlurmCluster:
     # pick whichever conftest.py pytest loaded last.
     wait_for = staticmethod(wait_for)
 
-    def job_info(self, job_id: str) -> Optional[dict[str, str]]:
+    def job_info(self, job_id: str) -> dict[str, str] | None:
         return job_info(job_id)
 
     def wait_job_state(self, job_id: str, states: Iterable[str], timeout: float,
-                       log: Optional[Path] = None) -> dict[str, str]:
+                       log: Path | None = None) -> dict[str, str]:
         return wait_job_state(job_id, states, timeout, log)
 
     def jobcomp_records(self, job_id: str) -> list[dict[str, str]]:

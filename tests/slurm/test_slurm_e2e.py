@@ -60,7 +60,8 @@ class Job:
         return self.cluster.wait_job_state(self.id, states, timeout, log=self.log)
 
     def wait_restarts(self, count: int, timeout: float = 120) -> None:
-        self.cluster.wait_for(lambda: self.restarts() >= count, timeout, f"job {self.id} to be requeued ({count} restart)")
+        self.cluster.wait_for(lambda: self.restarts() >= count, timeout,
+                              f"job {self.id} to be requeued {count} time(s)")
 
     def wait_training(self, step: int, timeout: float = 120) -> None:
         """Until rank 0 has trained ``step`` steps in the current attempt (imports and DDP set-up take seconds)."""
