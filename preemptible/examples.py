@@ -67,13 +67,27 @@ class TinyModel(pl.LightningModule):
 
 
 class BlobsData(pl.LightningDataModule):
-    def __init__(self, samples: int = 512, batch_size: int = 16, num_workers: int = 0, seed: int = 0) -> None:
+    """Shuffled train loader: a plain ``DataLoader`` by default, torchdata's ``StatefulDataLoader`` with ``stateful=True``."""
+
+    def __init__(self, samples: int = 512, batch_size: int = 16, num_workers: int = 0, seed: int = 0, stateful: bool = False) -> None:
         super().__init__()
         self.samples, self.batch_size, self.num_workers, self.seed = samples, batch_size, num_workers, seed
+        self.stateful = stateful
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(NoisyBlobs(self.samples, seed=self.seed), batch_size=self.batch_size, shuffle=True,
-                          num_workers=self.num_workers, persistent_workers=False)
+    def train_dataloader(self) -> Any:
+        dataset = NoisyBlobs(self.samples, seed=self.seed)
+        if not self.stateful:
+            return DataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
+        from torchdata.stateful_dataloader import StatefulDataLoader
+        from torchdata.stateful_dataloader.sampler import StatefulDistributedSampler
+
+        if self.trainer is not None and self.trainer.world_size > 1:
+            # Lightning would wrap a stateful sampler into its own, state-less DistributedSamplerWrapper:
+            # give the stateful distributed sampler yourself (and use_distributed_sampler=False).
+            sampler = StatefulDistributedSampler(dataset, num_replicas=self.trainer.world_size,
+                                                 rank=self.trainer.global_rank, shuffle=True, seed=self.seed)
+            return StatefulDataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+        return StatefulDataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(NoisyBlobs(max(self.samples // 4, self.batch_size), seed=self.seed + 1), batch_size=self.batch_size,

@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--stateful-loader", action="store_true", help="torchdata's StatefulDataLoader instead of a plain DataLoader")
     p.add_argument("--val-every", type=float, default=None, help="val_check_interval (batches if >1, fraction if <=1)")
     p.add_argument("--onecycle", action="store_true", help="OneCycleLR sized by trainer.estimated_stepping_batches")
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep in each training step")
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         callbacks.append(StepRecorder(args.record))
     if args.signal_at:
         callbacks.append(SignalAtStep(args.signal_at, ranks=args.signal_rank))
-    data = BlobsData(samples=args.samples, batch_size=args.batch_size, num_workers=args.num_workers)
+    data = BlobsData(samples=args.samples, batch_size=args.batch_size, num_workers=args.num_workers, stateful=args.stateful_loader)
     val_kwargs: dict = {"limit_val_batches": 0}
     if args.val_every is not None:
         every = int(args.val_every) if args.val_every > 1 else args.val_every
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
+        use_distributed_sampler=not args.stateful_loader,
         **val_kwargs,
     )
     trainer.fit(model, datamodule=data, ckpt_path=cb.resume_path())

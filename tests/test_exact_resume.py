@@ -82,3 +82,16 @@ def test_bitwise_identical_after_preemption(tmp_path: Path, devices: int, worker
         assert stops[0] == 4, "stopped on the step where validation was due (after running it)"
     compared = assert_same_as_reference(record, reference_run(max_steps=steps, devices=devices, **options))
     assert compared >= steps * devices
+
+
+@pytest.mark.parametrize("devices", [pytest.param(1, id="1proc"), pytest.param(2, id="ddp2", marks=pytest.mark.ddp)])
+def test_users_own_stateful_dataloader(tmp_path: Path, devices: int, reference_run) -> None:
+    """torchdata's StatefulDataLoader (with StatefulDistributedSampler under DDP): each rank gets its own loader state back."""
+    options = {"stateful_loader": True}
+    steps = 2 * _batches_per_epoch(devices) + 4
+    record = tmp_path / "record.jsonl"
+    cmd = example_command(record, max_steps=steps, devices=devices, **options) + ["--signal-at", "5", "--signal-at", str(steps - 6)]
+    summary = run_preempted(cmd, run_dir=tmp_path / "run", timeout=180, log=tmp_path / "log.txt")
+    assert summary.exit_code == 0 and summary.preemptions == 2, (tmp_path / "log.txt").read_text()[-4000:]
+    assert_resumed_on_same_step(summary)
+    assert_same_as_reference(record, reference_run(max_steps=steps, devices=devices, **options))

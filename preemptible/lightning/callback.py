@@ -160,7 +160,7 @@ class PreemptionCallback(Callback):
             log.info("preemptible: Lightning's SLURM auto-requeue disabled; preemptible handles the signal")
         hooks.after_lightning_installs_handlers(trainer, self.signals.install, self._previous_handlers)
         if self.exact_data:
-            if not hooks.intercept_train_loader_setup(trainer, self._prepare_loaders):
+            if not hooks.intercept_train_loader_setup(trainer, self._loaders.prepare, self._loaders.after_lightning_load):
                 warnings.warn("preemptible: this Lightning version offers no point to prepare train loaders; "
                               "mid-epoch resume will replay or skip batches", stacklevel=2)
         self._agreement = make_agreement(trainer.world_size)
@@ -182,6 +182,7 @@ class PreemptionCallback(Callback):
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.signals.install()
+        self._loaders.at_train_start()
         self._last_step = self._start_step = trainer.global_step
         if trainer.is_global_zero:
             self._rundir().journal.append("train_start", step=trainer.global_step, epoch=trainer.current_epoch)
@@ -201,7 +202,6 @@ class PreemptionCallback(Callback):
             # The checkpoint was taken at the end of the previous batch; leaving only now lets every
             # other callback and the LightningModule finish that batch's hooks (logging, metrics).
             self._leave(trainer)
-        self._loaders.before_first_resumed_batch()
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
@@ -287,9 +287,6 @@ class PreemptionCallback(Callback):
         if self._run is None:
             self._run = RunDirectory(resolve_run_dir(self._run_dir_arg, self.env), keep=self.keep, env=self.env)
         return self._run
-
-    def _prepare_loaders(self, loaders: list[Any]) -> None:
-        self._loaders.prepare(loaders)
 
     def _rank_state(self, trainer: Optional["pl.Trainer"]) -> dict[str, Any]:
         return {"rng": capture_rng(), "loaders": self._loaders.state(trainer)}

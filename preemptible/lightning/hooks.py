@@ -51,8 +51,10 @@ def after_lightning_installs_handlers(trainer: "pl.Trainer", reinstall: Callable
     return True
 
 
-def intercept_train_loader_setup(trainer: "pl.Trainer", prepare: Callable[[list[Any]], None]) -> bool:
-    """Call ``prepare(loaders)`` each time the fit loop has built its train loaders, before it iterates them."""
+def intercept_train_loader_setup(trainer: "pl.Trainer", prepare: Callable[[list[Any]], None],
+                                 after_load: Callable[[list[Any]], None]) -> bool:
+    """Call ``prepare(loaders)`` each time the fit loop has built its train loaders, and ``after_load(loaders)``
+    once Lightning has given them the (rank 0) loader state from the checkpoint, before it iterates them."""
     fit_loop = trainer.fit_loop
     load_states = getattr(fit_loop, "_load_combined_loader_states", None)
     if load_states is None or getattr(load_states, "_preemptible", False):
@@ -63,6 +65,8 @@ def intercept_train_loader_setup(trainer: "pl.Trainer", prepare: Callable[[list[
         if combined is not None:
             prepare(combined.flattened)
         load_states()
+        if combined is not None:
+            after_load(combined.flattened)
 
     prepare_then_load._preemptible = True  # type: ignore[attr-defined]
     fit_loop._load_combined_loader_states = prepare_then_load  # type: ignore[method-assign]

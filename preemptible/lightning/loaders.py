@@ -18,13 +18,16 @@ class LoaderTracker:
     def __init__(self, enabled: bool = True) -> None:
         self.enabled = enabled
         self.wrappers: list[Optional[ResumableBatches]] = []
+        self.stateful: list[Any] = []  # the user's own stateful loaders, by position (None elsewhere)
         self._plan: Optional[dict[str, Any]] = None
+        self._stateful_pending: dict[int, Any] = {}
         self._rng_pending: Optional[dict[str, Any]] = None
         self._warned = False
 
     # -- at set-up --------------------------------------------------------------------------------
     def prepare(self, loaders: list[Any]) -> None:
         self.wrappers = [self._wrap(dl) if self.enabled else None for dl in loaders]
+        self.stateful = [dl if self.enabled and _own_stateful(dl) else None for dl in loaders]
         plan, self._plan = self._plan, None
         if plan is None:
             return
@@ -32,8 +35,10 @@ class LoaderTracker:
         rng = plan.get("rng")
         in_process_resume = False
         epoch_finished = bool(states) and all(s is not None and s.get("exhausted") for s in states)
-        for wrapper, state in zip(self.wrappers, states):
-            if wrapper is not None and state is not None and not state.get("exhausted"):
+        for i, (wrapper, state) in enumerate(zip(self.wrappers, states)):
+            if state is not None and "stateful" in state and self.stateful[i] is not None:
+                self._stateful_pending[i] = state["stateful"]
+            elif wrapper is not None and state is not None and not state.get("exhausted"):
                 wrapper.load_state_dict(state)
                 in_process_resume = in_process_resume or wrapper.in_process
         if rng is None:
@@ -41,7 +46,16 @@ class LoaderTracker:
         if epoch_finished:
             restore_rng(rng)  # before the next epoch's iterator draws its seeds, as in the uninterrupted run
         elif not in_process_resume:
-            self._rng_pending = rng  # workers load the data: the stream resumes at the first trained batch
+            # Workers (or a loader of the user's own) load the data: the main process's stream resumes once
+            # the loader's iterator exists and before the first batch is fetched, i.e. when training starts.
+            self._rng_pending = rng
+
+    def after_lightning_load(self, loaders: list[Any]) -> None:
+        """Lightning gives every rank rank 0's loader state; give each rank its own instead."""
+        pending, self._stateful_pending = self._stateful_pending, {}
+        for i, state in pending.items():
+            if i < len(loaders) and loaders[i] is self.stateful[i]:
+                loaders[i].load_state_dict(state)
 
     def _wrap(self, dl: Any) -> Optional[ResumableBatches]:
         if not isinstance(dl, DataLoader):
@@ -51,7 +65,7 @@ class LoaderTracker:
             if not (hasattr(dl, "state_dict") and hasattr(dl, "load_state_dict")):
                 self._warn_inexact("an IterableDataset (or batch_size=None) without state_dict()")
             return None
-        if hasattr(type(dl), "state_dict"):
+        if _own_stateful(dl):
             return None  # a stateful loader of the user's own (e.g. torchdata's StatefulDataLoader)
         if isinstance(dl.batch_sampler, ResumableBatches):
             return dl.batch_sampler
@@ -82,7 +96,10 @@ class LoaderTracker:
     def state(self, trainer: Optional["pl.Trainer"]) -> list[Optional[dict[str, Any]]]:
         trained = _batches_trained_this_epoch(trainer) if trainer is not None else None
         out: list[Optional[dict[str, Any]]] = []
-        for wrapper in self.wrappers:
+        for i, wrapper in enumerate(self.wrappers):
+            if i < len(self.stateful) and self.stateful[i] is not None:
+                out.append({"stateful": self.stateful[i].state_dict()})
+                continue
             if wrapper is None:
                 out.append(None)
                 continue
@@ -95,7 +112,7 @@ class LoaderTracker:
     def set_resume(self, rank_state: Optional[dict[str, Any]]) -> None:
         self._plan = rank_state
 
-    def before_first_resumed_batch(self) -> None:
+    def at_train_start(self) -> None:
         if self._rng_pending is not None:
             rng, self._rng_pending = self._rng_pending, None
             restore_rng(rng)
@@ -104,3 +121,8 @@ class LoaderTracker:
 def _batches_trained_this_epoch(trainer: "pl.Trainer") -> int:
     progress = trainer.fit_loop.epoch_loop.batch_progress.current
     return int(progress.ready)
+
+
+def _own_stateful(dl: Any) -> bool:
+    """A loader class that implements ``state_dict``/``load_state_dict`` itself (not our placeholders)."""
+    return callable(getattr(type(dl), "state_dict", None)) and callable(getattr(type(dl), "load_state_dict", None))
