@@ -90,9 +90,14 @@ class SlurmRequeue(RequeueBackend):
             done = subprocess.run([exe, "requeue", job], capture_output=True, text=True, timeout=self.timeout)
         except subprocess.TimeoutExpired:
             raise RequeueError(f"'scontrol requeue {job}' did not answer within {self.timeout:.0f} s; the checkpoint is committed, resubmit to resume") from None
+        message = (done.stderr.strip() or done.stdout.strip())
+        if done.returncode != 0 and "pending execution" in message.lower():
+            # SLURM already requeued the job (an operator's `scontrol requeue`, or a preemption with
+            # PreemptMode=REQUEUE got there first): that is the outcome we wanted.
+            return RequeueOutcome(self.name, True, f"job {job} was already requeued ({message})")
         if done.returncode != 0:
             raise RequeueError(
-                f"'scontrol requeue {job}' failed (exit {done.returncode}): {done.stderr.strip() or done.stdout.strip()}. "
+                f"'scontrol requeue {job}' failed (exit {done.returncode}): {message}. "
                 "The checkpoint is committed; check that the job was submitted with --requeue (and that the "
                 "cluster allows requeue: JobRequeue=1), then resubmit to resume."
             )

@@ -91,6 +91,11 @@ class SignalRecorder:
             self._first_at = time.time()
         self._count += 1
 
+    @property
+    def handler(self) -> Callable[[int, Any], None]:
+        """The recording handler itself (to hand to code that restores handlers later)."""
+        return self._handle
+
     # -- reading --------------------------------------------------------------------------------
     @property
     def note(self) -> SignalNote | None:

@@ -143,3 +143,20 @@ def test_empty_run_dir_is_a_fresh_start(tmp_path: Path) -> None:
     assert summary.exit_code == 0 and len(summary.attempts) == 1
     assert summary.attempts[0].resumed_from_step == 0
     assert [e["event"] for e in read_events(run_dir / "events.jsonl")][0] == "start"
+
+
+@pytest.mark.parametrize("devices", WORLDS)
+def test_requeue_limit_stops_with_a_message_and_keeps_the_checkpoint(tmp_path: Path, devices: int) -> None:
+    from preemptible.simulator import Preemption
+
+    record = tmp_path / "record.jsonl"
+    cmd = example_command(record, max_steps=STEPS, devices=devices, step_sleep=SLEEP, max_requeues=1)
+    summary = run_preempted(cmd, run_dir=tmp_path / "run", plan=[Preemption(at_step=4), Preemption(at_step=12)],
+                            timeout=180, log=tmp_path / "log.txt")
+    log = (tmp_path / "log.txt").read_text()
+    assert [a.exit_code for a in summary.attempts] == [REQUEUE_EXIT_CODE, 1], log[-3000:]
+    assert "requeue limit reached (1 requeues used)" in log
+    last = summary.attempts[1]
+    assert last.checkpoint and Path(last.checkpoint).exists(), "the checkpoint is written and kept"
+    exits = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == "exit"]
+    assert {e["code"] for e in exits[-devices:]} == {1}, "every rank exits 1: nobody asks for a requeue"

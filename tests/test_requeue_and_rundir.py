@@ -54,3 +54,13 @@ def test_run_dir_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
         resolve_run_dir(None, _env())
     monkeypatch.setenv("PREEMPTIBLE_RUN_DIR", "/from/env")
     assert resolve_run_dir(None, _env(SLURM_JOB_ID="77")) == Path("/from/env")
+
+
+def test_already_requeued_job_counts_as_requeued(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # What scontrol answers when an operator's `scontrol requeue` (or a preemption) got there first.
+    fake = tmp_path / "scontrol"
+    fake.write_text("#!/bin/sh\necho 'Job is pending execution for job 5' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    outcome = SlurmRequeue().request(_env(SLURM_JOB_ID="5"))
+    assert outcome.requested and "already requeued" in outcome.detail

@@ -190,9 +190,11 @@ class PreemptionCallback(Callback):
         # A signal that came before the first step (during set-up or the sanity check): stop now.
         # This is a blocking agreement, once per fit, so every rank leaves together.
         note = self.signals.note
+        over_limit = self._over_requeue_limit()  # read before the agreement: rank 0 updates the record after it
         decided = self._agreement.now(note.signum if note else 0)
         if decided:
-            self._stop = _Stop(step=trainer.global_step, reason=_signal_name(decided), checkpoint=self._resumed_from)
+            self._stop = _Stop(step=trainer.global_step, reason=_signal_name(decided), checkpoint=self._resumed_from,
+                               over_limit=over_limit)
             if trainer.is_global_zero:
                 self._rundir().journal.append("stop_agreed", step=trainer.global_step, reason=self._stop.reason)
             self._leave(trainer)
@@ -251,8 +253,14 @@ class PreemptionCallback(Callback):
             self._run.update_record(status="finished", finished_step=trainer.global_step)
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        self.signals.restore()
         self._fitting = False
+        if isinstance(exception, (Preempted, RequeueLimitReached, RequeueError)):
+            # The process is about to exit, and SLURM follows a requeue with SIGTERM to every task: keep
+            # the recording handlers (through Lightning's teardown too) so that SIGTERM cannot turn a
+            # clean exit with the requeue code into a death by signal.
+            hooks.keep_handlers_through_teardown(trainer, {s: self.signals.handler for s in self.signals.signals})
+            return
+        self.signals.restore()
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != "fit" or not self._fitting:
@@ -296,6 +304,8 @@ class PreemptionCallback(Callback):
         run = self._rundir()
         reason = _signal_name(decided)
         step = trainer.global_step
+        # Every rank reads the requeue count before the save's collectives; rank 0 updates it only after them.
+        over_limit = self._over_requeue_limit()
         if trainer.is_global_zero:
             run.journal.append("stop_agreed", step=step, reason=reason)
         path = self._resumed_from
@@ -307,25 +317,26 @@ class PreemptionCallback(Callback):
                 protect={self._resumed_from} if self._resumed_from else set(), signal_at=note.first_at if note else None,
             )
             path = stored.path if stored else None
-        self._stop = _Stop(step=step, reason=reason, checkpoint=path)
+        self._stop = _Stop(step=step, reason=reason, checkpoint=path, over_limit=over_limit)
 
     def _leave(self, trainer: "pl.Trainer") -> None:
         """Ask for the requeue (rank 0) and leave ``fit`` on every rank."""
         assert self._stop is not None
         stop, run = self._stop, self._rundir()
         step, path = stop.step, str(stop.checkpoint) if stop.checkpoint else None
-        self.signals.restore()
-        if trainer.is_global_zero:
-            if run.requeues_so_far() >= self.max_requeues:
-                message = (f"preemptible: requeue limit reached ({self.max_requeues} requeues used). Not requeueing; "
-                           f"the checkpoint at step {step} is kept ({path}). Resubmit by hand to continue, or raise "
-                           "max_requeues / PREEMPTIBLE_MAX_REQUEUES.")
+        if stop.over_limit:
+            # Every rank exits 1, so that no supervisor (srun takes the highest exit code) sees a requeue request.
+            message = (f"preemptible: requeue limit reached ({self.max_requeues} requeues used). Not requeueing; "
+                       f"the checkpoint at step {step} is kept ({path}). Resubmit by hand to continue, or raise "
+                       "max_requeues / PREEMPTIBLE_MAX_REQUEUES.")
+            if trainer.is_global_zero:
                 run.journal.append("requeue", backend=self._backend.name, outcome="limit_reached", step=step)
-                run.journal.append("exit", code=1, reason="requeue_limit", step=step)
                 run.update_record(status="requeue_limit")
                 print(message, flush=True)
-                self._exit_after_children(trainer)
-                raise RequeueLimitReached(message)
+            run.journal.append("exit", code=1, reason="requeue_limit", step=step)
+            self._exit_after_children(trainer)
+            raise RequeueLimitReached(message)
+        if trainer.is_global_zero:
             try:
                 outcome = self._backend.request(self.env)
             except RequeueError as exc:
@@ -344,6 +355,9 @@ class PreemptionCallback(Callback):
         print(f"preemptible: rank {trainer.global_rank} {exc}", flush=True)
         self._exit_after_children(trainer)
         raise exc
+
+    def _over_requeue_limit(self) -> bool:
+        return self._rundir().requeues_so_far() >= self.max_requeues
 
     def _exit_after_children(self, trainer: "pl.Trainer") -> None:
         children = hooks.lightning_spawned_children(trainer)
@@ -365,6 +379,7 @@ class _Stop:
     step: int
     reason: str
     checkpoint: Path | None
+    over_limit: bool = False
 
 
 def _validation_due(trainer: "pl.Trainer") -> bool:

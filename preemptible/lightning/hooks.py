@@ -51,6 +51,13 @@ def after_lightning_installs_handlers(trainer: "pl.Trainer", reinstall: Callable
     return True
 
 
+def keep_handlers_through_teardown(trainer: "pl.Trainer", handlers: dict[int, Any]) -> None:
+    """Make Lightning's signal-connector teardown put ``handlers`` back instead of the pre-fit ones."""
+    saved = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+    if isinstance(saved, dict):
+        saved.update(handlers)
+
+
 def intercept_train_loader_setup(trainer: "pl.Trainer", prepare: Callable[[list[Any]], None],
                                  after_load: Callable[[list[Any]], None]) -> bool:
     """Call ``prepare(loaders)`` each time the fit loop has built its train loaders, and ``after_load(loaders)``
