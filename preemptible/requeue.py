@@ -5,7 +5,8 @@ part of the checkpoint. The backend is chosen from the environment when ``requeu
 
 * ``slurm``: ``scontrol requeue <job>`` (``ARRAYID_TASKID`` for array tasks). Needed because a
   job that exits by itself during the grace period is *not* requeued by SLURM.
-* ``submitit``: submitit's own machinery requeues (see :mod:`preemptible.submitit`); we only exit.
+* ``submitit``: as submitit would (``scontrol requeue`` on SLURM, the exit code 144 that its
+  ``LocalExecutor`` relaunches on), after every rank has saved (see :mod:`preemptible.submitit`).
 * ``local``: nothing to call; the exit code :data:`~preemptible.REQUEUE_EXIT_CODE` tells
   ``preemptible run`` (or submitit's ``LocalExecutor``) to relaunch.
 * ``none``: never requeue (the checkpoint is still written).
@@ -56,10 +57,19 @@ class LocalRequeue(RequeueBackend):
         return RequeueOutcome(self.name, True, "exit code asks the supervisor to relaunch")
 
 
-class SubmititRequeue(LocalRequeue):
-    """submitit requeues from its own handler; the exit code covers ``LocalExecutor``."""
+class SubmititRequeue(RequeueBackend):
+    """A submitit job: ``scontrol requeue`` when it runs on SLURM, the exit code under ``LocalExecutor``.
+
+    submitit's own handler would requeue from inside the signal handler on rank 0 only; preemptible
+    replaces it during ``fit`` and requeues the same way submitit does, once every rank has saved.
+    """
 
     name = "submitit"
+
+    def request(self, env: JobEnvironment) -> RequeueOutcome:
+        inner = SlurmRequeue() if env.under_slurm else LocalRequeue()
+        outcome = inner.request(env)
+        return RequeueOutcome(self.name, outcome.requested, f"{inner.name}: {outcome.detail}")
 
 
 class SlurmRequeue(RequeueBackend):

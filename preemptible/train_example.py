@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=float, default=None, help="val_check_interval (batches if >1, fraction if <=1)")
     p.add_argument("--onecycle", action="store_true", help="OneCycleLR sized by trainer.estimated_stepping_batches")
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep in each training step")
+    p.add_argument("--slow-until-resumed", action="store_true", help="apply --step-sleep only before the first resume")
     p.add_argument("--sanity-steps", type=int, default=0, help="validation batches in the sanity check (needs --val-every)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--record", default=None, help="append per-batch losses and final weights digest (JSON lines)")
@@ -42,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the example trainer from parsed ``args``, fit (start or resume), return a summary."""
     os.environ.setdefault("PL_DISABLE_FORK", "1")
     import warnings
 
@@ -51,13 +52,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from preemptible import PreemptionCallback
     from preemptible.examples import BlobsData, TinyModel
-    from preemptible.tracing import SignalAtStep, StepRecorder
+    from preemptible.tracing import SignalAtStep, StepRecorder, state_digest
 
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*number of training batches.*")
     pl.seed_everything(args.seed, workers=True, verbose=False)
     cb = PreemptionCallback(run_dir=args.run_dir, requeue=args.requeue, max_requeues=args.max_requeues)
-    model = TinyModel(step_sleep=args.step_sleep, onecycle=args.onecycle)
+    resume = cb.resume_path()
+    # --slow-until-resumed: sleep in steps only until the first preemption (the relaunch runs at full speed).
+    sleep = args.step_sleep if not (args.slow_until_resumed and resume) else 0.0
+    model = TinyModel(step_sleep=sleep, onecycle=args.onecycle)
     callbacks: list = [cb]
     if args.record:
         callbacks.append(StepRecorder(args.record))
@@ -85,10 +89,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         use_distributed_sampler=not args.stateful_loader,
         **val_kwargs,
     )
-    trainer.fit(model, datamodule=data, ckpt_path=cb.resume_path())
+    trainer.fit(model, datamodule=data, ckpt_path=resume)
     if trainer.is_global_zero:
         print(f"training finished at global step {trainer.global_step}", flush=True)
+    return {"global_step": trainer.global_step, "rank": trainer.global_rank, "weights": state_digest(model)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    train(build_parser().parse_args(argv))
     return 0
+
+
+def train_from_options(**options: Any) -> dict[str, Any]:
+    """The same training from keyword options (``max_steps=40, devices=2, ...``), for submitit and notebooks."""
+    argv: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is True:
+                argv.append(flag)
+            elif v not in (None, False):
+                argv += [flag, str(v)]
+    return train(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":
