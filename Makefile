@@ -22,6 +22,14 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q -ra
 
+# Benchmarks (ratios measured side by side in one run) -> benchmarks/RESULTS.md
+bench: venv
+	$(BIN)/python benchmarks/run_all.py
+
+# Fault-injection campaign (SIGKILL mid-write, damaged files, disk full, ...) -> benchmarks/FAULTS.md
+faults: venv
+	$(BIN)/python benchmarks/faults.py
+
 cluster: venv
 	bash docker/slurm/cluster.sh start
 

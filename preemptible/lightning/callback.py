@@ -29,6 +29,7 @@ from preemptible.signals import DEFAULT_SIGNALS, SignalRecorder
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEUES = 50
+_PROGRESS_EVENT_SECONDS = float(os.environ.get("PREEMPTIBLE_PROGRESS_EVENT_SECONDS", "30"))
 _STATE_FORMAT = 1
 
 
@@ -108,6 +109,7 @@ class PreemptionCallback(Callback):
         self._loaded_rank_state: dict[str, Any] | None = None
         self._gathered_rank_states: list[dict[str, Any]] | None = None
         self._last_step = -1
+        self._last_progress_event = time.monotonic()
         self._start_step = -1
         self._stop_after_validation: int = 0
         self._stop_at_next_boundary: int = 0
@@ -212,6 +214,11 @@ class PreemptionCallback(Callback):
         self._last_step = step
         if trainer.is_global_zero:
             self._progress.report(step, trainer.current_epoch)
+            now = time.monotonic()
+            if now - self._last_progress_event >= _PROGRESS_EVENT_SECONDS:
+                # A sparse (time, step) series in the journal, for timelines and goodput reports.
+                self._last_progress_event = now
+                self._rundir().journal.append("progress", step=step, epoch=trainer.current_epoch)
         if self._stop_at_next_boundary:
             decided, self._stop_at_next_boundary = self._stop_at_next_boundary, 0
             self._checkpoint(trainer, decided)

@@ -1,0 +1,60 @@
+"""submitit's AutoExecutor on the real cluster: a 2-task job preempted by a job on ``high`` resumes
+on the step it stopped at and returns the training function's result (issue: submitit)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+import submitit
+from helpers import assert_same_as_reference
+from test_slurm_e2e import submit_high
+
+from preemptible.journal import read_events
+from preemptible.rundir import read_progress
+from preemptible.submitit import PreemptibleTask
+from preemptible.train_example import train_from_options
+
+if TYPE_CHECKING:
+    from conftest import SlurmCluster
+
+pytestmark = [pytest.mark.slurm, pytest.mark.ddp]
+
+STEPS = 40
+
+
+@pytest.mark.timeout(600)
+def test_autoexecutor_job_preempted_resumes_and_returns_result(tmp_path: Path, slurm_cluster: SlurmCluster,
+                                                               slurm_jobs: list[str], reference_run) -> None:
+    reference_run(max_steps=STEPS, devices=2)  # first, so that it does not share the 2 cores with the job
+    run_dir, record = tmp_path / "run", tmp_path / "record.jsonl"
+    executor = submitit.AutoExecutor(folder=tmp_path / "logs")
+    assert executor.cluster == "slurm"
+    executor.update_parameters(slurm_partition="low", tasks_per_node=2, cpus_per_task=1, timeout_min=30,
+                               name="pt-submitit")
+    task = PreemptibleTask(train_from_options, run_dir=run_dir, max_steps=STEPS, devices=2, record=str(record),
+                           step_sleep=0.5, slow_until_resumed=True)
+    job = executor.submit(task)
+    slurm_jobs.append(job.job_id)
+
+    def trained_steps() -> int:
+        progress = read_progress(run_dir)
+        return int(progress["step"]) if progress else -1
+
+    slurm_cluster.wait_for(lambda: trained_steps() >= 3, 180, f"submitit job {job.job_id} to train 3 steps")
+    submit_high(tmp_path, slurm_jobs)
+    results = job.results()  # one per task; waits through the requeue
+    assert [r["global_step"] for r in results] == [STEPS, STEPS]
+    info = slurm_cluster.job_info(job.job_id)
+    assert info is not None and int(info["Restarts"]) == 1, info
+
+    events = list(read_events(run_dir / "events.jsonl"))
+    stops = [e["step"] for e in events if e["event"] == "stop_agreed"]
+    starts = [e["step"] for e in events if e["event"] == "train_start"]
+    assert len(stops) == 1 and starts == [0, stops[0]], (stops, starts)
+    requeues = [e for e in events if e["event"] == "requeue"]
+    assert len(requeues) == 1 and requeues[0]["backend"] == "submitit", requeues
+    signalled = {(e["rank"], e["signal"]) for e in events if e["event"] == "signal"}
+    assert signalled == {(0, "SIGUSR2"), (1, "SIGUSR2")}, "submitit's --signal reaches every task at preemption"
+    assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=2))
