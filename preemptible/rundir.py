@@ -94,10 +94,11 @@ class ProgressFile:
         self.interval = float(os.environ.get("PREEMPTIBLE_PROGRESS_INTERVAL", "1"))
         self._last = 0.0
 
-    def report(self, step: int, epoch: int, force: bool = False) -> None:
+    def report(self, step: int, epoch: int, force: bool = False) -> bool:
+        """Write the file if due; returns whether it was written (callers piggyback heartbeats on it)."""
         now = time.monotonic()
         if not force and now - self._last < self.interval:
-            return
+            return False
         self._last = now
         tmp = self.path.with_name(f".tmp-progress.{os.getpid()}")
         try:
@@ -105,6 +106,7 @@ class ProgressFile:
             os.replace(tmp, self.path)
         except OSError:
             pass  # a full disk must not stop training over a hint file
+        return True
 
 
 def read_progress(run_dir: Path) -> dict[str, Any] | None:

@@ -19,8 +19,10 @@ from preemptible.agreement import StopAgreement, make_agreement
 from preemptible.environment import JobEnvironment
 from preemptible.exit import Preempted, RequeueLimitReached
 from preemptible.lightning import hooks
+from preemptible.lightning.compat import check_checkpoint_fits
 from preemptible.lightning.loaders import LoaderTracker
-from preemptible.lightning.saving import save_emergency_checkpoint
+from preemptible.lightning.saving import save_emergency_checkpoint, warn_if_short_of_space
+from preemptible.lock import RunLock, RunLockedError
 from preemptible.requeue import RequeueBackend, RequeueError, select_backend
 from preemptible.rng import capture_rng
 from preemptible.rundir import ProgressFile, RunDirectory, resolve_run_dir
@@ -60,6 +62,10 @@ class PreemptionCallback(Callback):
             ``"size"`` only its size.
         exact_data: make map-style training ``DataLoader``\ s resume mid-epoch at the exact batch with
             the same shuffle and augmentation randomness (see the README's "What is exact").
+        save_on_finish: commit a last checkpoint when training ends, so that a finished run that is
+            started again (a late requeue, an operator's resubmission) resumes at its end instead of redoing work.
+        allow_world_size_change: resume a checkpoint written by a different number of ranks (the
+            continuation is then not exact); by default that is an error naming both numbers.
 
     Example::
 
@@ -84,6 +90,8 @@ class PreemptionCallback(Callback):
         keep: int = 2,
         verify: str = "sha256",
         exact_data: bool = True,
+        save_on_finish: bool = True,
+        allow_world_size_change: bool = False,
     ) -> None:
         super().__init__()
         if verify not in ("sha256", "size"):
@@ -99,6 +107,8 @@ class PreemptionCallback(Callback):
         self.keep = keep
         self.verify = verify
         self.exact_data = exact_data
+        self.save_on_finish = save_on_finish
+        self.allow_world_size_change = allow_world_size_change
         self.env = JobEnvironment.from_env()
         select_backend(requeue, self.env)  # fail early on a bad name
 
@@ -116,6 +126,9 @@ class PreemptionCallback(Callback):
         self._stop: _Stop | None = None
         self._signal_logged = False
         self._fitting = False
+        self._lock: RunLock | None = None
+        # Record from construction on: a SIGTERM during data preparation is acted on when training starts.
+        self.signals.install()
 
     # ------------------------------------------------------------------------------------------------
     # Public helpers
@@ -152,8 +165,13 @@ class PreemptionCallback(Callback):
         self._fitting = True
         run = self._rundir()
         run.journal.rank = trainer.global_rank
+        self._take_lock(trainer, run)
+        # Lightning only learns ckpt_path after this hook; the canonical call passes resume_path()'s answer.
+        ckpt = trainer.ckpt_path or self._resumed_from
+        if ckpt:
+            check_checkpoint_fits(ckpt, pl_module, trainer.world_size, self.allow_world_size_change)
         if trainer.is_global_zero:
-            run.create()
+            warn_if_short_of_space(run.store, pl_module)
         self.signals.install()
         if not self.signals.installed:
             warnings.warn("preemptible: trainer.fit is not running in the main thread, so no signal handler "
@@ -168,10 +186,9 @@ class PreemptionCallback(Callback):
         self._agreement = make_agreement(trainer.world_size)
         self._backend = select_backend(self.requeue, self.env)
         self._progress = ProgressFile(run.path / "progress.json")
-        ckpt = trainer.ckpt_path
         if trainer.is_global_zero:
             event = "resume" if ckpt else "start"
-            run.journal.append(event, checkpoint=ckpt, world_size=trainer.world_size,
+            run.journal.append(event, checkpoint=str(ckpt) if ckpt else None, world_size=trainer.world_size,
                                attempt=self.env.restart_count, backend=self._backend.name)
             run.update_record(world_size=trainer.world_size, status="running",
                               attempts=int(run.read_record().get("attempts", 0)) + 1)
@@ -213,7 +230,8 @@ class PreemptionCallback(Callback):
             return  # inside a gradient-accumulation window: never stop here
         self._last_step = step
         if trainer.is_global_zero:
-            self._progress.report(step, trainer.current_epoch)
+            if self._progress.report(step, trainer.current_epoch) and self._lock is not None:
+                self._lock.heartbeat()
             now = time.monotonic()
             if now - self._last_progress_event >= _PROGRESS_EVENT_SECONDS:
                 # A sparse (time, step) series in the journal, for timelines and goodput reports.
@@ -249,9 +267,16 @@ class PreemptionCallback(Callback):
             self._checkpoint(trainer, decided)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        if self._stop is not None and trainer.is_global_zero:
-            # Training reached its end right after the emergency checkpoint: nothing left to requeue for.
-            self._rundir().journal.append("stop_cancelled", step=trainer.global_step, reason="training finished")
+        if self._stop is not None:
+            if trainer.is_global_zero:
+                # Training reached its end right after the emergency checkpoint: nothing left to requeue for.
+                self._rundir().journal.append("stop_cancelled", step=trainer.global_step, reason="training finished")
+        elif self.save_on_finish and trainer.global_step != self._start_step:
+            save_emergency_checkpoint(
+                trainer, self._rundir(), self._agreement, step=trainer.global_step, reason="finished",
+                rank_state=self._rank_state(trainer), set_gathered=self._set_gathered,
+                protect={self._resumed_from} if self._resumed_from else set(), signal_at=None,
+            )
         self._stop = None
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -261,6 +286,8 @@ class PreemptionCallback(Callback):
 
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         self._fitting = False
+        if self._lock is not None:
+            self._lock.release()
         if isinstance(exception, (Preempted, RequeueLimitReached, RequeueError)):
             # The process is about to exit, and SLURM follows a requeue with SIGTERM to every task: keep
             # the recording handlers (through Lightning's teardown too) so that SIGTERM cannot turn a
@@ -275,6 +302,8 @@ class PreemptionCallback(Callback):
         self._fitting = False
         self._agreement.close()
         self.signals.restore()
+        if self._lock is not None:
+            self._lock.release()
 
     # -- state carried inside the checkpoint ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -283,7 +312,7 @@ class PreemptionCallback(Callback):
             # A save that is not ours (ModelCheckpoint, a user's trainer.save_checkpoint): no
             # collective is allowed here, so only this rank's state goes in.
             ranks = [self._rank_state(None)]
-        return {"format": _STATE_FORMAT, "ranks": ranks}
+        return {"format": _STATE_FORMAT, "ranks": ranks, "gathered": self._gathered_rank_states is not None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         ranks = state_dict.get("ranks") or []
@@ -362,6 +391,22 @@ class PreemptionCallback(Callback):
         print(f"preemptible: rank {trainer.global_rank} {exc}", flush=True)
         self._exit_after_children(trainer)
         raise exc
+
+    def _take_lock(self, trainer: "pl.Trainer", run: RunDirectory) -> None:
+        """Global rank 0 takes the run directory's lock; every rank learns the outcome (no rank hangs)."""
+        error = None
+        if trainer.is_global_zero:
+            run.create()
+            self._lock = RunLock(run.path, job_id=self.env.job_id)
+            try:
+                taken_over = self._lock.acquire()
+                if taken_over and taken_over != "held by this process":
+                    log.info("preemptible: took over the run directory's lock: %s", taken_over)
+            except RunLockedError as exc:
+                self._lock, error = None, str(exc)
+        error = trainer.strategy.broadcast(error)
+        if error is not None:
+            raise RunLockedError(error)
 
     def _over_requeue_limit(self) -> bool:
         return self._rundir().requeues_so_far() >= self.max_requeues

@@ -26,6 +26,30 @@ def streams_with_torch_save(strategy: Strategy) -> bool:
     return type(strategy.checkpoint_io) is TorchCheckpointIO and type(strategy).save_checkpoint is Strategy.save_checkpoint
 
 
+def estimated_checkpoint_bytes(store: Any, pl_module: Any) -> int:
+    """The last committed checkpoint's size, else three times the parameters (weights + two optimizer moments)."""
+    committed = store.committed()
+    if committed and committed[-1].record.bytes > 0:
+        return int(committed[-1].record.bytes)
+    return 3 * sum(p.numel() * p.element_size() for p in pl_module.parameters())
+
+
+def warn_if_short_of_space(store: Any, pl_module: Any) -> None:
+    """Say at start, not at the emergency, when the checkpoint directory cannot hold two more checkpoints."""
+    import warnings
+
+    import psutil
+
+    need = estimated_checkpoint_bytes(store, pl_module)
+    store.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    free = psutil.disk_usage(str(store.directory)).free
+    if free < 2 * need:
+        warnings.warn(
+            f"preemptible: {store.directory} has {free / 2**20:.0f} MiB free, and a checkpoint of this run takes about "
+            f"{need / 2**20:.0f} MiB (a save needs room for the new one next to the previous): an emergency save may "
+            "fail with a full disk. Free space or point run_dir at a larger filesystem.", stacklevel=3)
+
+
 def gather_rank_states(agreement: StopAgreement, state: dict[str, Any], world_size: int) -> list[dict[str, Any]]:
     if world_size <= 1 or not isinstance(agreement, DistributedStopAgreement):
         return [state]
@@ -52,6 +76,13 @@ def save_emergency_checkpoint(
     """All ranks call this at the same step. Returns the committed checkpoint (on every rank)."""
     started = time.time()
     rank_state = dict(rank_state, signal_at=signal_at)
+    if trainer.is_global_zero:
+        import psutil
+
+        need, free = estimated_checkpoint_bytes(run.store, trainer.lightning_module), psutil.disk_usage(str(run.store.directory)).free
+        if free < need:
+            print(f"preemptible: warning: {free / 2**20:.0f} MiB free in {run.store.directory}, the checkpoint needs about "
+                  f"{need / 2**20:.0f} MiB; trying anyway", flush=True)
     states = gather_rank_states(agreement, rank_state, trainer.world_size)
     store = run.store
     pending = store.begin(step) if trainer.is_global_zero else None

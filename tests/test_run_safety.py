@@ -1,0 +1,141 @@
+"""Nothing is lost or silently mixed up: one job per run directory, checkpoints that do not fit the run
+are refused by name, checkpoints load with weights_only=True, a finished run is not redone."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import example_command
+
+from preemptible.lock import RunLock, RunLockedError
+from preemptible.rundir import read_progress
+
+
+def _fit(run_dir: Path, steps: int = 6, hidden: int = 32, **cb_kwargs):
+    import pytorch_lightning as pl
+
+    from preemptible import PreemptionCallback
+    from preemptible.examples import BlobsData, TinyModel
+
+    pl.seed_everything(0, verbose=False)
+    cb = PreemptionCallback(run_dir=run_dir, **cb_kwargs)
+    trainer = pl.Trainer(max_steps=steps, callbacks=[cb], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(TinyModel(hidden=hidden), datamodule=BlobsData(samples=64), ckpt_path=cb.resume_path())
+    return trainer, cb
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    _fit(run_dir)
+    return run_dir
+
+
+def test_finished_run_restarted_resumes_at_its_end(finished_run: Path) -> None:
+    from preemptible import latest_checkpoint
+    from preemptible.journal import read_events
+
+    last = latest_checkpoint(finished_run)
+    assert last is not None and last.name == "step-000000006.ckpt", "a last checkpoint is committed at the end"
+    trainer, _ = _fit(finished_run)
+    assert trainer.global_step == 6
+    events = list(read_events(finished_run / "events.jsonl"))
+    resumes = [e["checkpoint"] for e in events if e["event"] == "resume"]
+    assert len(resumes) == 1 and resumes[0].endswith("step-000000006.ckpt"), "the restart resumed from the end"
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [6], "nothing was trained (or saved) again"
+
+
+def test_checkpoints_load_with_weights_only(finished_run: Path) -> None:
+    import numpy  # noqa: F401 - numpy's RNG state is in the checkpoint when numpy is loaded
+
+    from preemptible import latest_checkpoint
+
+    ckpt = torch.load(latest_checkpoint(finished_run), weights_only=True)
+    assert ckpt["global_step"] == 6 and "PreemptionCallback" in ckpt["callbacks"]
+
+
+def test_checkpoint_of_a_different_model_is_refused_by_name(finished_run: Path, tmp_path: Path) -> None:
+    from preemptible.lightning.compat import CheckpointMismatch
+
+    with pytest.raises(CheckpointMismatch, match=r"step-000000006\.ckpt does not fit this model \(net\.0\.weight: checkpoint \(32, 16\), model \(64, 16\)"):
+        _fit(finished_run, steps=8, hidden=64)
+    assert (finished_run / "checkpoints" / "step-000000006.ckpt").exists(), "the old checkpoint is untouched"
+
+
+def test_checkpoint_of_a_different_world_size_is_refused(finished_run: Path) -> None:
+    import pytorch_lightning as pl
+
+    from preemptible.examples import TinyModel
+    from preemptible.lightning.compat import CheckpointMismatch, check_checkpoint_fits
+
+    path = finished_run / "checkpoints" / "step-000000006.ckpt"
+    with pytest.raises(CheckpointMismatch, match="written by a run of 1 rank.*this run has 2.*allow_world_size_change"):
+        check_checkpoint_fits(path, TinyModel(), world_size=2, allow_world_size_change=False)
+    check_checkpoint_fits(path, TinyModel(), world_size=2, allow_world_size_change=True)
+    assert isinstance(pl.__version__, str)
+
+
+def test_lock_stale_detection(tmp_path: Path) -> None:
+    lock = RunLock(tmp_path, job_id="10")
+    assert lock.acquire() is None
+    lock.release()
+    assert not (tmp_path / "lock.json").exists()
+    # a live holder on this host (pid 1 always exists) from another job
+    (tmp_path / "lock.json").write_text(f'{{"host": "{socket.gethostname()}", "pid": 1, "job_id": "10"}}')
+    with pytest.raises(RunLockedError, match="in use by another job.*delete .*lock.json"):
+        RunLock(tmp_path, job_id="11").acquire()
+    assert RunLock(tmp_path, job_id="10").acquire().startswith("it belongs to an earlier attempt of job 10")
+    # a holder on this host whose pid is gone
+    (tmp_path / "lock.json").write_text(f'{{"host": "{socket.gethostname()}", "pid": 999999999, "job_id": "12"}}')
+    assert "is gone" in RunLock(tmp_path, job_id="13").acquire()
+    # a holder elsewhere without a heartbeat for longer than stale_after
+    (tmp_path / "lock.json").write_text('{"host": "far-away-node", "pid": 1, "job_id": "14"}')
+    old = time.time() - 3600
+    os.utime(tmp_path / "lock.json", (old, old))
+    assert "no heartbeat" in RunLock(tmp_path, job_id="15", stale_after=900).acquire()
+
+
+def test_second_job_on_the_same_run_dir_gets_a_clear_error(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, PREEMPTIBLE_RUN_DIR=str(run_dir), PREEMPTIBLE_PROGRESS_INTERVAL="0")
+    first = subprocess.Popen(example_command(tmp_path / "a.jsonl", max_steps=60, step_sleep=0.1), env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (read_progress(run_dir) or {}).get("step"):
+            assert time.monotonic() < deadline and first.poll() is None, "the first job never started training"
+            time.sleep(0.1)
+        second = subprocess.run(example_command(tmp_path / "b.jsonl", max_steps=60), env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert second.returncode != 0
+        assert "is in use by another job" in second.stderr and str(run_dir) in second.stderr
+        assert first.wait(timeout=120) == 0, "the first job is undisturbed"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+    assert not (run_dir / "lock.json").exists(), "released at the end"
+
+
+def test_free_space_warning_names_the_sizes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import namedtuple
+
+    import psutil
+
+    from preemptible.examples import TinyModel
+    from preemptible.lightning.saving import warn_if_short_of_space
+    from preemptible.store import CheckpointStore
+
+    usage = namedtuple("usage", "total used free percent")
+    monkeypatch.setattr(psutil, "disk_usage", lambda path: usage(100, 100, 10, 90.0))  # the disk, not the code, is faked
+    with pytest.warns(UserWarning, match="MiB free.*an emergency save may fail with a full disk"):
+        warn_if_short_of_space(CheckpointStore(tmp_path / "ckpt"), TinyModel())
+    assert sys.platform.startswith("linux")
