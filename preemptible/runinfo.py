@@ -14,7 +14,8 @@ Definitions (times are the journal's wall-clock ``time`` fields, in seconds):
   queue, the process launch and imports up to the trainer's set-up, none of which the job can journal.
 * **Training time** of an attempt: ``train_start`` → the agreed stop (``stop_agreed``), else ``finish``,
   else the attempt's last event (a crash) or ``now`` (running), minus checkpoint saves in that interval.
-* **Save time**: the ``seconds`` of each ``checkpoint`` event (rank 0's save start → commit).
+* **Save time**: the ``seconds`` of each ``checkpoint`` event (rank 0's save start → commit). A save
+  written on a background thread (``background: true``) overlaps training and counts as training time.
 * **Steps lost** by an attempt: the steps it trained beyond the step that training was later resumed
   from, ``end_step - min(end_step, min(resumed step of every later attempt))``, clamped at 0. For the
   last attempt, when it was interrupted, the step a restart would resume from is the newest valid
@@ -42,7 +43,7 @@ from typing import Any, Iterable, Optional, Sequence
 from preemptible.exit import REQUEUE_EXIT_CODE
 from preemptible.journal import read_events
 from preemptible.rundir import RunDirectory, read_progress
-from preemptible.store import InvalidCheckpoint
+from preemptible.store import InvalidCheckpoint, StoredCheckpoint
 
 #: Run states reported by :func:`summarize`.
 STATES = ("running", "preempted", "finished", "failed", "unknown")
@@ -51,7 +52,7 @@ DEFAULT_STALE_AFTER = 300.0
 
 _OPENERS = ("start", "resume")
 # Rank-0 events whose ``step`` is the step training had reached at that moment.
-_STEP_EVENTS = ("train_start", "progress", "signal", "stop_agreed", "finish")
+_STEP_EVENTS = ("train_start", "progress", "signal", "deadline", "stop_agreed", "finish")
 
 
 class RunInfoError(RuntimeError):
@@ -92,6 +93,8 @@ class AttemptInfo:
     resumed_step: Optional[int] = None
     end_step: Optional[int] = None
     stop_step: Optional[int] = None
+    #: why the ranks agreed to stop: the signal's name, ``"deadline"``, ...
+    stop_reason: Optional[str] = None
     checkpoint_step: Optional[int] = None
     exit_code: Optional[int] = None
     signal: Optional[str] = None
@@ -113,7 +116,10 @@ class Interruption:
     """An attempt that ended without finishing, and what it cost."""
 
     attempt: int
+    #: the attempt's outcome: preempted, requeue_limit, requeue_failed, failed or crashed
     cause: str
+    #: why it stopped: the signal's name, ``"deadline"``, ... (``None`` for a crash)
+    reason: Optional[str]
     signal: Optional[str]
     stop_step: Optional[int]
     checkpoint_step: Optional[int]
@@ -210,7 +216,7 @@ def summarize(
         raise RunInfoError(f"{path} holds no events.jsonl, run.json or committed checkpoint: it is not a preemptible "
                            "run directory, or its job has not reached trainer.fit yet")
 
-    checkpoints = [_checkpoint_info(run, c, checksum, now) for c in committed]
+    checkpoints = [info for info in (_checkpoint_info(run, c, checksum, now) for c in committed) if info is not None]
     valid_steps = [c.step for c in checkpoints if c.valid]
     last_committed = max(valid_steps) if valid_steps else None
     groups = _group_attempts(events)
@@ -231,7 +237,7 @@ def summarize(
         quarantined=sum(1 for p in quarantine.iterdir() if ".commit.json." not in p.name) if quarantine.is_dir() else 0,
         attempts=attempts,
         interruptions=interruptions,
-        preemptions=sum(1 for i in interruptions if i.signal is not None or i.stop_step is not None),
+        preemptions=sum(1 for i in interruptions if i.reason is not None or i.stop_step is not None),
         steps_lost=sum(a.steps_lost for a in attempts),
         time_lost_seconds=sum(i.time_lost_seconds for i in interruptions),
         goodput=_goodput(attempts),
@@ -294,11 +300,14 @@ def _attempt(index: int, events: list[dict[str, Any]], now: float, last: bool = 
         sig = min(kinds["signal"], key=lambda e: e.get("received_at") or e["time"])
         a.signal, a.signal_at = sig.get("signal"), sig.get("received_at") or sig["time"]
     if "stop_agreed" in kinds:
-        a.stop_step = _int(kinds["stop_agreed"][0].get("step"))
-    saves = [e for e in kinds.get("checkpoint", []) if isinstance(e.get("step"), int)]
-    if saves:
-        a.checkpoint_step = max(e["step"] for e in saves)
-        a.save_seconds = sum(float(e.get("seconds") or 0.0) for e in saves)
+        agreed = kinds["stop_agreed"][0]
+        a.stop_step, a.stop_reason = _int(agreed.get("step")), agreed.get("reason")
+    committed = [e for e in kinds.get("checkpoint", []) if isinstance(e.get("step"), int)]
+    if committed:
+        a.checkpoint_step = max(e["step"] for e in committed)
+    # Only saves that held training up count as save time (see the module docstring).
+    saves = [e for e in committed if not e.get("background")]
+    a.save_seconds = sum(float(e.get("seconds") or 0.0) for e in saves)
     if kinds.get("requeue"):
         req = kinds["requeue"][-1]
         a.requeue, a.requeue_detail = req.get("outcome"), req.get("detail") or req.get("error")
@@ -406,7 +415,7 @@ def _interruptions(attempts: list[AttemptInfo]) -> list[Interruption]:
         queue = max(0.0, nxt.started_at - a.ended_at) if nxt else None
         restart = nxt.startup_seconds if nxt else None
         out.append(Interruption(
-            attempt=a.index, cause=a.outcome, signal=a.signal, stop_step=a.stop_step, checkpoint_step=a.checkpoint_step,
+            attempt=a.index, cause=a.outcome, reason=a.stop_reason or a.signal, signal=a.signal, stop_step=a.stop_step, checkpoint_step=a.checkpoint_step,
             resumed_step=nxt.resumed_step if nxt else None, steps_lost=a.steps_lost, redone_seconds=a.redone_seconds,
             stopping_seconds=stopping, queue_seconds=queue, restart_seconds=restart,
             time_lost_seconds=a.redone_seconds + stopping + (queue or 0.0) + (restart or 0.0)))
@@ -447,9 +456,10 @@ def _state(attempts: list[AttemptInfo], record: dict[str, Any], last_committed: 
         return "finished", f"finished at step {a.end_step}"
     if a.outcome == "preempted":
         waiting = f"{_duration(now - a.ended_at)} ago"
+        why = a.stop_reason or a.signal or "signal"
         if a.requeue in ("requested", None):
-            return "preempted", f"stopped at step {a.stop_step} ({a.signal or 'signal'}) {waiting}, requeue requested; {resume}"
-        return "preempted", (f"stopped at step {a.stop_step} ({a.signal or 'signal'}) {waiting}, but nothing requeued it "
+            return "preempted", f"stopped at step {a.stop_step} ({why}) {waiting}, requeue requested; {resume}"
+        return "preempted", (f"stopped at step {a.stop_step} ({why}) {waiting}, but nothing requeued it "
                              f"({a.requeue_detail or a.requeue}): start the same command again; {resume}")
     if a.outcome == "requeue_limit":
         return "failed", f"requeue limit reached at step {a.stop_step}: resubmit by hand or raise max_requeues; {resume}"
@@ -464,11 +474,14 @@ def _state(attempts: list[AttemptInfo], record: dict[str, Any], last_committed: 
                       f"see the job's log; {resume}")
 
 
-def _checkpoint_info(run: RunDirectory, ckpt: Any, checksum: bool, now: float) -> CheckpointInfo:
+def _checkpoint_info(run: RunDirectory, ckpt: StoredCheckpoint, checksum: bool, now: float) -> Optional[CheckpointInfo]:
+    """``None`` for a checkpoint pruned by the running job between listing and checking it."""
     problem = None
     try:
         run.store.validate(ckpt, checksum=checksum)
     except InvalidCheckpoint as exc:
+        if not ckpt.record_path.exists():
+            return None  # retention removes the record first: it was pruned, not damaged
         problem = str(exc)
     rec = ckpt.record
     when = float(rec.time) if rec.time else None
@@ -486,7 +499,7 @@ def _duration(seconds: float) -> str:
     """``42 s``, ``3.5 min``, ``2.1 h``: how people read elapsed times."""
     seconds = max(0.0, seconds)
     if seconds < 90:
-        return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s" if seconds < 10 else f"{seconds:.0f} s"
+        return f"{seconds:.2f} s" if seconds < 1 else f"{seconds:.1f} s"
     if seconds < 5400:
         return f"{seconds / 60:.1f} min"
     return f"{seconds / 3600:.1f} h"

@@ -39,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "preemptible.testing.SignalAtStep); repeat for later attempts")
     p.add_argument("--signal-rank", type=int, action="append", default=None, help="testing: only this rank signals itself")
     p.add_argument("--requeue", default="auto")
+    p.add_argument("--every-n-steps", type=int, default=None, help="periodic safety checkpoints every N steps")
+    p.add_argument("--every-n-minutes", type=float, default=None, help="periodic safety checkpoints every M minutes")
+    p.add_argument("--sync-periodic", action="store_true", help="write periodic checkpoints in the training thread")
+    p.add_argument("--deadline-in", type=float, default=None, metavar="SECONDS",
+                   help="testing: pretend the job is killed SECONDS after it starts (as SLURM's time limit)")
     p.add_argument("--max-requeues", type=int, default=None)
     return p
 
@@ -57,7 +62,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*number of training batches.*")
     pl.seed_everything(args.seed, workers=True, verbose=False)
-    cb = PreemptionCallback(run_dir=args.run_dir, requeue=args.requeue, max_requeues=args.max_requeues)
+    import time
+
+    deadline = time.time() + args.deadline_in if args.deadline_in is not None else True
+    cb = PreemptionCallback(run_dir=args.run_dir, requeue=args.requeue, max_requeues=args.max_requeues,
+                            every_n_steps=args.every_n_steps, every_n_minutes=args.every_n_minutes,
+                            async_save=not args.sync_periodic, deadline=deadline)
     resume = cb.resume_path()
     # --slow-until-resumed: sleep in steps only until the first preemption (the relaunch runs at full speed).
     sleep = args.step_sleep if not (args.slow_until_resumed and resume) else 0.0

@@ -83,7 +83,8 @@ def test_signal_during_validation(tmp_path: Path, reference_run) -> None:
 def test_burst_of_50_signals(tmp_path: Path, devices: int, reference_run) -> None:
     summary, record = _run(tmp_path, devices, at_step=6, signal="USR1", repeat=50)
     _check(summary, tmp_path)
-    assert len(list((tmp_path / "run" / "checkpoints").glob("*.commit.json"))) == 1, "one signal burst, one checkpoint"
+    saves = [e["reason"] for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == "checkpoint"]
+    assert saves == ["SIGUSR1", "finished"], "one signal burst, one emergency checkpoint (and the final one)"
     assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=devices, step_sleep=SLEEP))
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
-from preemptible.runinfo import RunInfo, format_duration, summarize, time_at_step
+from preemptible.runinfo import AttemptInfo, RunInfo, format_duration, summarize, time_at_step
 
 INSTALL_HINT = ("the timeline needs matplotlib, an optional extra: pip install 'preemptible[report]' "
                 "(or pip install matplotlib)")
@@ -88,7 +89,7 @@ def interruptions_table(info: RunInfo) -> Any:
                 "queue", "restart", "time lost"):
         table.add_column(col, justify="left" if col in ("cause",) else "right")
     for i in info.interruptions:
-        cause = i.cause + (f" ({i.signal})" if i.signal else "")
+        cause = i.cause + (f" ({i.reason})" if i.reason else "")
         table.add_row(str(i.attempt), cause, _fmt(i.stop_step), _fmt(i.checkpoint_step), _fmt(i.resumed_step),
                       str(i.steps_lost), format_duration(i.redone_seconds), format_duration(i.stopping_seconds),
                       format_duration(i.queue_seconds), format_duration(i.restart_seconds),
@@ -109,6 +110,7 @@ def write_timeline(info: RunInfo, out: Path) -> None:
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError as exc:
         raise RuntimeError(INSTALL_HINT) from exc
 
@@ -126,7 +128,7 @@ def write_timeline(info: RunInfo, out: Path) -> None:
 
     labelled: set[str] = set()
 
-    def once(label: str) -> str | None:
+    def once(label: str) -> Optional[str]:
         # Each kind of mark appears once in the legend, however many attempts have it.
         if label in labelled:
             return None
@@ -134,13 +136,16 @@ def write_timeline(info: RunInfo, out: Path) -> None:
         return label
 
     colors = [f"C{i}" for i in (0, 2, 4, 5, 6, 8, 9)]  # C1/C3 (orange, red) are kept for restarts and losses
-    for a, nxt in zip(info.attempts, info.attempts[1:] + [None]):  # type: ignore[operator]
+    many = len(info.attempts) > 8  # past a handful, one legend entry per attempt would bury the plot
+    for i, a in enumerate(info.attempts):
+        nxt = info.attempts[i + 1] if i + 1 < len(info.attempts) else None
         color = colors[a.index % len(colors)]
+        label = once("training (one colour per attempt)") if many else f"attempt {a.index} ({a.outcome})"
         if a.train_started_at is not None:
             ax.axvspan(x(a.started_at), x(a.train_started_at), color="C1", alpha=0.25, lw=0,
                        label=once("startup / restart"))
         if a.points:
-            _draw_progress(ax, a, x, color, once)
+            _draw_progress(ax, a, x, color, label, once)
         if a.train_ended_at is not None and a.outcome not in ("finished", "running") and a.ended_at > a.train_ended_at:
             ax.axvspan(x(a.train_ended_at), x(a.ended_at), color="C4", alpha=0.3, lw=0, label=once("save, requeue, exit"))
         if a.signal_at is not None:
@@ -157,12 +162,11 @@ def write_timeline(info: RunInfo, out: Path) -> None:
                         label=once("resumed"))
     g = info.goodput
     head = "" if g.goodput is None else f" — goodput {g.goodput:.0%}"
-    ax.set_title(f"{Path(info.run_dir).name}: {len(info.attempts)} attempt(s), {info.preemptions} preemption(s), "
+    ax.set_title(f"{_short(info.run_dir)}: {len(info.attempts)} attempt(s), {info.preemptions} preemption(s), "
                  f"{info.steps_lost} step(s) lost{head}", fontsize=11)
-    import time as _time
-
-    ax.set_xlabel(f"wall-clock time since {_time.strftime('%Y-%m-%d %H:%M:%S', _time.localtime(t0))} ({unit})")
+    ax.set_xlabel(f"wall-clock time since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t0))} ({unit})")
     ax.set_ylabel("global step")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # global steps are whole numbers
     ax.set_xlim(left=0)
     ax.set_ylim(bottom=0)
     ax.grid(True, alpha=0.3)
@@ -172,7 +176,8 @@ def write_timeline(info: RunInfo, out: Path) -> None:
     fig.savefig(out, format="png")
 
 
-def _draw_progress(ax: Any, a: Any, x: Any, color: str, once: Any) -> None:
+def _draw_progress(ax: Any, a: AttemptInfo, x: Callable[[float], float], color: str, label: Optional[str],
+                   once: Callable[[str], Optional[str]]) -> None:
     """The attempt's (time, step) line; the part whose steps were trained again later in red, dashed."""
     xs = [x(t) for t, _ in a.points]
     ys = [s for _, s in a.points]
@@ -182,12 +187,18 @@ def _draw_progress(ax: Any, a: Any, x: Any, color: str, once: Any) -> None:
         if t_kept is not None:
             keep_xs = [v for v, (t, _) in zip(xs, a.points) if t <= t_kept] + [x(t_kept)]
             keep_ys = [s for s, (t, _) in zip(ys, a.points) if t <= t_kept] + [kept]
-            ax.plot(keep_xs, keep_ys, color=color, lw=2, label=f"attempt {a.index} ({a.outcome})")
+            ax.plot(keep_xs, keep_ys, color=color, lw=2, label=label)
             lost_xs = [x(t_kept)] + [v for v, (t, _) in zip(xs, a.points) if t > t_kept]
             lost_ys = [kept] + [s for s, (t, _) in zip(ys, a.points) if t > t_kept]
             ax.plot(lost_xs, lost_ys, color="C3", lw=2, ls="--", label=once("lost steps (redone)"))
             return
-    ax.plot(xs, ys, color=color, lw=2, marker="." if len(xs) < 60 else None, label=f"attempt {a.index} ({a.outcome})")
+    ax.plot(xs, ys, color=color, lw=2, marker="." if len(xs) < 60 else None, label=label)
+
+
+def _short(path: str) -> str:
+    """The run directory's last two components: enough to tell runs apart in a title."""
+    parts = Path(path).parts
+    return str(Path(*parts[-2:])) if len(parts) > 2 else path
 
 
 def _time_unit(wall: float) -> tuple[float, str]:

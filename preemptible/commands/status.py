@@ -110,7 +110,8 @@ def attempts_table(info: RunInfo) -> Any:
                 "steps lost"):
         table.add_column(col, justify="left" if col in ("job/restart", "host (pid)", "started", "outcome") else "right")
     for a in info.attempts:
-        outcome = a.outcome + (f" ({a.signal})" if a.signal else "") + (f", exit {a.exit_code}" if a.exit_code not in (None, 144, 0) else "")
+        why = a.stop_reason or a.signal
+        outcome = a.outcome + (f" ({why})" if why else "") + (f", exit {a.exit_code}" if a.exit_code not in (None, 144, 0) else "")
         table.add_row(str(a.index), f"{a.job_id or 'local'}/{a.restart_count}", f"{a.host} ({_fmt(a.pid)})",
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.started_at)),
                       _fmt(a.resumed_step), _fmt(a.end_step), outcome, format_duration(a.training_seconds),

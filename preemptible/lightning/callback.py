@@ -21,7 +21,9 @@ from preemptible.exit import Preempted, RequeueLimitReached
 from preemptible.lightning import hooks
 from preemptible.lightning.compat import check_checkpoint_fits
 from preemptible.lightning.loaders import LoaderTracker
-from preemptible.lightning.saving import save_emergency_checkpoint, warn_if_short_of_space
+from preemptible import votes
+from preemptible.deadline import JobDeadline
+from preemptible.lightning.saving import BackgroundWriter, save_checkpoint, warn_if_short_of_space
 from preemptible.lock import RunLock, RunLockedError
 from preemptible.requeue import RequeueBackend, RequeueError, select_backend
 from preemptible.rng import capture_rng
@@ -66,6 +68,13 @@ class PreemptionCallback(Callback):
             started again (a late requeue, an operator's resubmission) resumes at its end instead of redoing work.
         allow_world_size_change: resume a checkpoint written by a different number of ranks (the
             continuation is then not exact); by default that is an error naming both numbers.
+        every_n_steps, every_n_minutes: periodic safety checkpoints (against crashes and SIGKILL without
+            warning) through the same atomic store and retention. The time-based one follows rank 0's clock.
+        async_save: write periodic checkpoints on a background thread from a CPU copy of the state,
+            so training does not wait for the disk (costs one checkpoint's worth of memory while writing).
+        deadline: ``True`` reads the job's end time from SLURM (``squeue``) and checkpoints and requeues
+            proactively when the time left would no longer fit an emergency save; a number is a fixed
+            end time (unix seconds); ``False`` turns it off.
 
     Example::
 
@@ -92,6 +101,10 @@ class PreemptionCallback(Callback):
         exact_data: bool = True,
         save_on_finish: bool = True,
         allow_world_size_change: bool = False,
+        every_n_steps: Optional[int] = None,
+        every_n_minutes: Optional[float] = None,
+        async_save: bool = True,
+        deadline: bool | float | None = True,
     ) -> None:
         super().__init__()
         if verify not in ("sha256", "size"):
@@ -109,7 +122,25 @@ class PreemptionCallback(Callback):
         self.exact_data = exact_data
         self.save_on_finish = save_on_finish
         self.allow_world_size_change = allow_world_size_change
+        if every_n_steps is not None and every_n_steps < 1:
+            raise ValueError(f"every_n_steps={every_n_steps} must be >= 1 (or None)")
+        if every_n_minutes is not None and every_n_minutes <= 0:
+            raise ValueError(f"every_n_minutes={every_n_minutes} must be > 0 (or None)")
+        self.every_n_steps = every_n_steps
+        self.every_n_minutes = every_n_minutes
+        self.async_save = async_save
         self.env = JobEnvironment.from_env()
+        if deadline is True:
+            self._deadline: JobDeadline | None = JobDeadline(self.env)
+        elif deadline in (False, None):
+            self._deadline = None
+        else:
+            self._deadline = JobDeadline(self.env, end_time=float(deadline))
+        self._background = BackgroundWriter()
+        self._last_save_time = time.monotonic()
+        self._save_seconds: float | None = None
+        self._step_seconds = 0.0
+        self._last_boundary_time = time.monotonic()
         select_backend(requeue, self.env)  # fail early on a bad name
 
         self._run: RunDirectory | None = None
@@ -186,7 +217,9 @@ class PreemptionCallback(Callback):
         self._agreement = make_agreement(trainer.world_size)
         self._backend = select_backend(self.requeue, self.env)
         self._progress = ProgressFile(run.path / "progress.json")
+        self._save_seconds = _last_save_seconds(run)
         if trainer.is_global_zero:
+            _warn_if_lead_too_short(self._save_seconds)
             event = "resume" if ckpt else "start"
             run.journal.append(event, checkpoint=str(ckpt) if ckpt else None, world_size=trainer.world_size,
                                attempt=self.env.restart_count, backend=self._backend.name)
@@ -210,9 +243,9 @@ class PreemptionCallback(Callback):
         # This is a blocking agreement, once per fit, so every rank leaves together.
         note = self.signals.note
         over_limit = self._over_requeue_limit()  # read before the agreement: rank 0 updates the record after it
-        decided = self._agreement.now(note.signum if note else 0)
-        if decided:
-            self._stop = _Stop(step=trainer.global_step, reason=_signal_name(decided), checkpoint=self._resumed_from,
+        decided = self._agreement.now(votes.for_signal(note.signum) if note else votes.NOTHING)
+        if votes.is_stop(decided):
+            self._stop = _Stop(step=trainer.global_step, reason=votes.reason(decided), checkpoint=self._resumed_from,
                                over_limit=over_limit)
             if trainer.is_global_zero:
                 self._rundir().journal.append("stop_agreed", step=trainer.global_step, reason=self._stop.reason)
@@ -237,15 +270,13 @@ class PreemptionCallback(Callback):
                 # A sparse (time, step) series in the journal, for timelines and goodput reports.
                 self._last_progress_event = now
                 self._rundir().journal.append("progress", step=step, epoch=trainer.current_epoch)
+        now = time.monotonic()
+        self._step_seconds, self._last_boundary_time = now - self._last_boundary_time, now
         if self._stop_at_next_boundary:
             decided, self._stop_at_next_boundary = self._stop_at_next_boundary, 0
-            self._checkpoint(trainer, decided)
+            self._act(trainer, decided)
             return
-        note = self.signals.note
-        if note is not None and not self._signal_logged:
-            self._signal_logged = True
-            self._rundir().journal.append("signal", signal=note.name, count=note.count, received_at=note.first_at, step=step)
-        decided = self._agreement.step(note.signum if note else 0)
+        decided = self._agreement.step(self._vote(trainer, step))
         if not decided:
             return
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
@@ -259,12 +290,12 @@ class PreemptionCallback(Callback):
             # the resumed run neither skips that validation nor shifts the random stream.
             self._stop_after_validation = decided
             return
-        self._checkpoint(trainer, decided)
+        self._act(trainer, decided)
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._stop_after_validation and not trainer.sanity_checking:
             decided, self._stop_after_validation = self._stop_after_validation, 0
-            self._checkpoint(trainer, decided)
+            self._act(trainer, decided)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self._stop is not None:
@@ -272,7 +303,8 @@ class PreemptionCallback(Callback):
                 # Training reached its end right after the emergency checkpoint: nothing left to requeue for.
                 self._rundir().journal.append("stop_cancelled", step=trainer.global_step, reason="training finished")
         elif self.save_on_finish and trainer.global_step != self._start_step:
-            save_emergency_checkpoint(
+            self._background.wait()
+            save_checkpoint(
                 trainer, self._rundir(), self._agreement, step=trainer.global_step, reason="finished",
                 rank_state=self._rank_state(trainer), set_gathered=self._set_gathered,
                 protect={self._resumed_from} if self._resumed_from else set(), signal_at=None,
@@ -300,6 +332,7 @@ class PreemptionCallback(Callback):
         if stage != "fit" or not self._fitting:
             return
         self._fitting = False
+        self._background.wait()
         self._agreement.close()
         self.signals.restore()
         if self._lock is not None:
@@ -335,10 +368,55 @@ class PreemptionCallback(Callback):
     def _rank_state(self, trainer: Optional["pl.Trainer"]) -> dict[str, Any]:
         return {"rng": capture_rng(), "loaders": self._loaders.state(trainer)}
 
+    def _vote(self, trainer: "pl.Trainer", step: int) -> int:
+        """This rank's wish at this boundary (see :mod:`preemptible.votes`)."""
+        note = self.signals.note
+        if note is not None:
+            if not self._signal_logged:
+                self._signal_logged = True
+                self._rundir().journal.append("signal", signal=note.name, count=note.count, received_at=note.first_at, step=step)
+            return votes.for_signal(note.signum)
+        if trainer.is_global_zero and self._deadline is not None and self._deadline.too_close(self._seconds_needed_to_stop()):
+            left = self._deadline.seconds_left()
+            self._rundir().journal.append("deadline", step=step, seconds_left=round(left or 0.0, 1),
+                                          needed=round(self._seconds_needed_to_stop(), 1))
+            return votes.DEADLINE
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            return votes.PERIODIC_SAVE
+        if (self.every_n_minutes and trainer.is_global_zero
+                and time.monotonic() - self._last_save_time >= 60 * self.every_n_minutes):
+            return votes.PERIODIC_SAVE
+        return votes.NOTHING
+
+    def _seconds_needed_to_stop(self) -> float:
+        # Two steps (the agreement's latency), the save (as measured, doubled for safety), a margin for exit.
+        save = self._save_seconds if self._save_seconds is not None else 10.0
+        return 2 * self._step_seconds + 2 * save + 15.0
+
+    def _act(self, trainer: "pl.Trainer", decided: int) -> None:
+        if votes.is_stop(decided):
+            self._checkpoint(trainer, decided)
+        elif decided == votes.PERIODIC_SAVE:
+            self._periodic_save(trainer)
+
+    def _periodic_save(self, trainer: "pl.Trainer") -> None:
+        self._last_save_time = time.monotonic()
+        if self._background.busy:
+            if trainer.is_global_zero:
+                log.warning("preemptible: the previous periodic checkpoint is still being written; skipping this one")
+            return
+        save_checkpoint(
+            trainer, self._rundir(), self._agreement, step=trainer.global_step, reason="periodic",
+            rank_state=self._rank_state(trainer), set_gathered=self._set_gathered,
+            protect={self._resumed_from} if self._resumed_from else set(),
+            background=self._background if self.async_save else None,
+        )
+
     def _checkpoint(self, trainer: "pl.Trainer", decided: int) -> None:
         """Every rank, same step: write the emergency checkpoint; leave at the next batch start."""
         run = self._rundir()
-        reason = _signal_name(decided)
+        reason = votes.reason(decided)
+        self._background.wait()
         step = trainer.global_step
         # Every rank reads the requeue count before the save's collectives; rank 0 updates it only after them.
         over_limit = self._over_requeue_limit()
@@ -347,12 +425,14 @@ class PreemptionCallback(Callback):
         path = self._resumed_from
         if not self._nothing_new_since_resume(trainer):
             note = self.signals.note
-            stored = save_emergency_checkpoint(
+            stored = save_checkpoint(
                 trainer, run, self._agreement, step=step, reason=reason,
                 rank_state=self._rank_state(trainer), set_gathered=self._set_gathered,
                 protect={self._resumed_from} if self._resumed_from else set(), signal_at=note.first_at if note else None,
             )
             path = stored.path if stored else None
+            if stored is not None and stored.record.save_seconds:
+                self._save_seconds = stored.record.save_seconds
         self._stop = _Stop(step=step, reason=reason, checkpoint=path, over_limit=over_limit)
 
     def _leave(self, trainer: "pl.Trainer") -> None:
@@ -446,11 +526,19 @@ def _validation_due(trainer: "pl.Trainer") -> bool:
         return False
 
 
-def _signal_name(signum: int) -> str:
-    try:
-        return signal.Signals(signum).name
-    except ValueError:
-        return f"signal {signum}"
+def _last_save_seconds(run: RunDirectory) -> float | None:
+    """How long the last committed checkpoint of this run took to write (from its commit record)."""
+    committed = run.store.committed()
+    return (committed[-1].record.save_seconds or None) if committed else None
+
+
+def _warn_if_lead_too_short(save_seconds: float | None) -> None:
+    lead = os.environ.get("PREEMPTIBLE_SIGNAL_LEAD")
+    if lead and save_seconds and float(lead) < 2 * save_seconds + 15:
+        warnings.warn(
+            f"preemptible: the job's --signal lead is {float(lead):.0f} s, but the last checkpoint of this run took "
+            f"{save_seconds:.1f} s to write: the warning may come too late. Raise --signal-lead to at least "
+            f"{2 * save_seconds + 15:.0f} s (or add every_n_minutes periodic checkpoints).", stacklevel=3)
 
 
 def _current_rank() -> int:

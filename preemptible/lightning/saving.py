@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -61,7 +63,54 @@ def gather_rank_states(agreement: StopAgreement, state: dict[str, Any], world_si
     return out
 
 
-def save_emergency_checkpoint(
+class BackgroundWriter:
+    """At most one checkpoint write in flight on a daemon thread (rank 0 of a periodic, asynchronous save)."""
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self.last_error: Optional[BaseException] = None
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, work: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                work()
+            except BaseException as exc:  # noqa: BLE001 - reported by the next save, never lost silently
+                self.last_error = exc
+                print(f"preemptible: background checkpoint failed: {exc}; the previous checkpoints are intact", flush=True)
+
+        self._thread = threading.Thread(target=run, name="preemptible-checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Let a write in flight finish (an emergency save must not race it for the same directory)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
+def _cpu_copy(obj: Any) -> Any:
+    """A copy of the checkpoint that training can no longer change: tensors cloned to CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        out: dict[Any, Any] = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        for key, value in obj.items():
+            out[key] = _cpu_copy(value)
+        if hasattr(obj, "_metadata"):  # state_dict versions, read by load_state_dict
+            out._metadata = obj._metadata  # type: ignore[attr-defined]
+        return out
+    if isinstance(obj, list):
+        return [_cpu_copy(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(
     trainer: "pl.Trainer",
     run: RunDirectory,
     agreement: StopAgreement,
@@ -71,18 +120,22 @@ def save_emergency_checkpoint(
     rank_state: dict[str, Any],
     set_gathered: Callable[[Optional[list[dict[str, Any]]]], None],
     protect: set[Any],
-    signal_at: float | None,
+    signal_at: float | None = None,
+    background: Optional[BackgroundWriter] = None,
 ) -> StoredCheckpoint | None:
-    """All ranks call this at the same step. Returns the committed checkpoint (on every rank)."""
+    """All ranks call this at the same step; returns the committed checkpoint (rank 0's record; the path elsewhere).
+
+    With ``background`` (periodic saves), rank 0 copies the state to CPU memory and writes it on a
+    thread while training goes on; ``None`` is returned and the commit is journaled when it lands.
+    Strategies that write through their own ``save_checkpoint`` are always saved synchronously.
+    """
     started = time.time()
     rank_state = dict(rank_state, signal_at=signal_at)
+    streaming = streams_with_torch_save(trainer.strategy)
+    if background is not None and not streaming:
+        background = None
     if trainer.is_global_zero:
-        import psutil
-
-        need, free = estimated_checkpoint_bytes(run.store, trainer.lightning_module), psutil.disk_usage(str(run.store.directory)).free
-        if free < need:
-            print(f"preemptible: warning: {free / 2**20:.0f} MiB free in {run.store.directory}, the checkpoint needs about "
-                  f"{need / 2**20:.0f} MiB; trying anyway", flush=True)
+        _say_if_short_of_space(run, trainer)
     states = gather_rank_states(agreement, rank_state, trainer.world_size)
     store = run.store
     pending = store.begin(step) if trainer.is_global_zero else None
@@ -90,48 +143,80 @@ def save_emergency_checkpoint(
     final = trainer.strategy.broadcast(str(pending.final_path) if pending else None)
     set_gathered(states)
     error: BaseException | None = None
+    checkpoint: Any = None
     try:
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        if streams_with_torch_save(trainer.strategy):
+        if background is not None:
+            checkpoint = _cpu_copy(checkpoint) if pending is not None else None
+        elif streaming:
             if pending is not None:
                 store.write(pending, lambda f: torch.save(checkpoint, f))
+            checkpoint = None
         else:
             trainer.strategy.save_checkpoint(checkpoint, temp)
-        del checkpoint
+            checkpoint = None
     except Exception as exc:  # noqa: BLE001 - every rank must learn of the failure, then it is re-raised
         error = exc
     finally:
         set_gathered(None)
 
+    signal_times = [s.get("signal_at") for s in states if s.get("signal_at")]
+    record = CommitRecord(
+        file="", step=step, bytes=0, sha256="", epoch=trainer.current_epoch, reason=reason,
+        world_size=trainer.world_size, job_id=run.env.job_id, restart_count=run.env.restart_count,
+        extra={"signal_at": min(signal_times) if signal_times else None, "save_started_at": started,
+               "background": background is not None},
+    )
+    protected = {p for p in protect if p}
+    if background is not None and pending is not None and error is None:
+        state = checkpoint
+
+        def write_and_commit() -> None:
+            store.write(pending, lambda f: torch.save(state, f))
+            _commit(run, pending, record, protected, started, reason)
+
+        background.submit(write_and_commit)
+        return None
+
     stored: StoredCheckpoint | None = None
-    if pending is not None and error is None:
-        signal_times = [s.get("signal_at") for s in states if s.get("signal_at")]
-        first_signal = min(signal_times) if signal_times else None
-        record = CommitRecord(
-            file="", step=step, bytes=0, sha256="", epoch=trainer.current_epoch, reason=reason,
-            world_size=trainer.world_size, job_id=run.env.job_id, restart_count=run.env.restart_count,
-            extra={"signal_at": first_signal, "save_started_at": started},
-        )
+    if pending is not None and error is None and background is None:
         try:
-            stored = store.commit(pending, record)
-            store.prune(protect={p for p in protect if p} | {stored.path})
+            stored = _commit(run, pending, record, protected, started, reason)
         except Exception as exc:  # noqa: BLE001
             error = exc
-    elif pending is not None:
+    elif pending is not None and error is not None:
         store.abort(pending)
 
     failed = agreement.now(1 if error is not None else 0)
     if failed:
+        what = "checkpoint" if reason in ("periodic", "finished") else "emergency checkpoint"
         if error is not None:
             if isinstance(error, CheckpointError):
                 raise error
-            raise CheckpointError(f"the emergency checkpoint at step {step} failed: {error!r}; earlier checkpoints are intact") from error
-        raise CheckpointError(f"the emergency checkpoint at step {step} failed on another rank; earlier checkpoints are intact")
-    if stored is not None:
-        commit_at = time.time()
-        run.journal.append("checkpoint", path=str(stored.path), step=step, bytes=stored.record.bytes,
-                           seconds=round(commit_at - started, 4), reason=reason,
-                           signal_to_commit_seconds=round(commit_at - stored.record.extra["signal_at"], 4)
-                           if stored.record.extra.get("signal_at") else None)
+            raise CheckpointError(f"the {what} at step {step} failed: {error!r}; earlier checkpoints are intact") from error
+        raise CheckpointError(f"the {what} at step {step} failed on another rank; earlier checkpoints are intact")
+    if background is not None:
+        return None
     # Ranks other than 0 learn the committed path (for messages and the journal) from rank 0's broadcast.
     return stored if stored is not None else StoredCheckpoint(Path(final), CommitRecord(file=Path(final).name, step=step, bytes=0, sha256=""))
+
+
+def _commit(run: RunDirectory, pending: Any, record: CommitRecord, protect: set[Any], started: float, reason: str) -> StoredCheckpoint:
+    stored = run.store.commit(pending, record)
+    run.store.prune(protect=protect | {stored.path})
+    commit_at = time.time()
+    signal_at = record.extra.get("signal_at")
+    run.journal.append("checkpoint", path=str(stored.path), step=record.step, bytes=stored.record.bytes,
+                       seconds=round(commit_at - started, 4), reason=reason, background=record.extra.get("background"),
+                       signal_to_commit_seconds=round(commit_at - signal_at, 4) if signal_at else None)
+    return stored
+
+
+def _say_if_short_of_space(run: RunDirectory, trainer: "pl.Trainer") -> None:
+    import psutil
+
+    need = estimated_checkpoint_bytes(run.store, trainer.lightning_module)
+    free = psutil.disk_usage(str(run.store.directory)).free
+    if free < need:
+        print(f"preemptible: warning: {free / 2**20:.0f} MiB free in {run.store.directory}, the checkpoint needs about "
+              f"{need / 2**20:.0f} MiB; trying anyway", flush=True)

@@ -1,0 +1,67 @@
+"""Periodic safety checkpoints (synchronous and on a background thread) and deadline awareness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from helpers import assert_same_as_reference, example_command
+
+from preemptible import REQUEUE_EXIT_CODE
+from preemptible.deadline import JobDeadline, parse_slurm_time
+from preemptible.environment import JobEnvironment
+from preemptible.journal import read_events
+from preemptible.testing import run_preempted
+
+STEPS = 20
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_periodic_checkpoints_go_through_the_store_and_a_crash_resumes_from_the_last(tmp_path: Path, mode: str,
+                                                                                   reference_run) -> None:
+    from preemptible.simulator import Preemption
+
+    record = tmp_path / "record.jsonl"
+    options = {"every_n_steps": 4, "sync_periodic": mode == "sync"}
+    cmd = example_command(record, max_steps=STEPS, step_sleep=0.05, **options)
+    # SIGKILL (no warning, nothing to catch) at step 10: the run must continue from the periodic checkpoint at 8.
+    summary = run_preempted(cmd, run_dir=tmp_path / "run", plan=[Preemption(at_step=10, signal="KILL")],
+                            max_restarts=0, timeout=120, log=tmp_path / "log.txt")
+    assert summary.exit_code == -9
+    run_dir = tmp_path / "run"
+    saves = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "checkpoint"]
+    assert [e["step"] for e in saves][:2] == [4, 8] and all(e["reason"] == "periodic" for e in saves)
+    assert all(e["background"] is (mode == "async") for e in saves)
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
+    assert len(kept) == 2, f"retention keeps the two newest: {kept}"
+    # Relaunch: resumes from the newest periodic checkpoint and reaches the end.
+    trained_before = [json.loads(line) for line in record.read_text().splitlines()]
+    resumed_from = max(e["step"] for e in saves)
+    record.write_text("".join(json.dumps(e) + "\n" for e in trained_before if e["step"] <= resumed_from))
+    again = run_preempted(cmd, run_dir=run_dir, timeout=120, log=tmp_path / "log2.txt")
+    assert again.exit_code == 0 and again.attempts[0].resumed_from_step == resumed_from
+    # Periodic saves never touch the training numbers (the copy happens between steps).
+    assert_same_as_reference(record, reference_run(max_steps=STEPS, step_sleep=0.05, **options))
+
+
+def test_deadline_checkpoints_and_requeues_before_the_hard_end(tmp_path: Path, reference_run) -> None:
+    record = tmp_path / "record.jsonl"
+    # The job "ends" 21 s after it starts; ~5 s go to imports; stopping needs ~15 s of margin.
+    cmd = example_command(record, max_steps=200, step_sleep=0.1, deadline_in=21)
+    summary = run_preempted(cmd, run_dir=tmp_path / "run", max_restarts=0, timeout=120, log=tmp_path / "log.txt")
+    assert summary.exit_code == REQUEUE_EXIT_CODE, (tmp_path / "log.txt").read_text()[-3000:]
+    events = list(read_events(tmp_path / "run" / "events.jsonl"))
+    deadline = [e for e in events if e["event"] == "deadline"]
+    stops = [e for e in events if e["event"] == "stop_agreed"]
+    assert deadline and stops and stops[0]["reason"] == "deadline"
+    assert deadline[0]["seconds_left"] < deadline[0]["needed"]
+    assert any(e["event"] == "checkpoint" and e["reason"] == "deadline" for e in events)
+
+
+def test_parse_slurm_end_time() -> None:
+    assert parse_slurm_time("2026-11-30T21:00:00") is not None
+    assert parse_slurm_time("N/A") is None and parse_slurm_time("Unknown") is None
+    fixed = JobDeadline(JobEnvironment.from_env({}), end_time=1e12)
+    assert fixed.known and not fixed.too_close(60)
+    assert not JobDeadline(JobEnvironment.from_env({})).known, "outside SLURM there is no deadline to read"
