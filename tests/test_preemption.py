@@ -120,7 +120,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path, refere
     # The losses trained after the older checkpoint will be trained again: drop them from the record
     # so the comparison checks the continuation from the older checkpoint.
     kept = [line for line in record.read_text().splitlines()
-            if json.loads(line).get("step", 0) < older or json.loads(line)["kind"] == "final"]
+            if json.loads(line).get("step", 0) <= older and json.loads(line)["kind"] != "final"]
     record.write_text("".join(line + "\n" for line in kept))
 
     again = run_preempted(cmd, run_dir=run_dir, timeout=180, log=tmp_path / "log2.txt")
