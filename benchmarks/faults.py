@@ -86,6 +86,7 @@ class Tally:
     problems: list[str] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    stats: collections.Counter = dataclasses.field(default_factory=collections.Counter)  # not in the table
 
     def problem(self, text: str) -> None:
         self.problems.append(text)
@@ -602,6 +603,7 @@ def store_kill_trials(workdir: Path, trials: int, *, seed: int = 1, size: int = 
             tally.problem(f"trial {t}: retained steps {retained}, missing {missing}, newest {newest}, got {found and found.step}")
         else:
             tally.resumed_newest += 1
+    tally.stats["targeted"] = targeted_kills
     tally.notes.append(f"{targeted_kills} kills were timed by the temp file reaching a random size, the others by a "
                        f"random delay of 0-{max_delay} s after the writer's start")
     tally.notes.append(f"{len(known_orphans)} complete data file(s) without commit record left behind by kills between "
@@ -1041,7 +1043,8 @@ def fault_kill_when(what: str, lead: int = 3) -> FaultScript:
 
 
 def fault_storm(total: int = 100, term_burst: int = 30) -> FaultScript:
-    """USR1 at a random step, a burst of SIGTERM while the checkpoint is written, then mixed signals until exit."""
+    """USR1 at a random step, a burst of SIGTERM while the checkpoint is written, then mixed signals every
+    0-4 ms: at least ``total`` in all, and on until the process is gone (through its exit)."""
 
     def script(ctl: Control, rng: random.Random) -> None:
         start = ctl.wait_train_start()
@@ -1053,8 +1056,9 @@ def fault_storm(total: int = 100, term_burst: int = 30) -> FaultScript:
                 ctl.signal(signal.SIGTERM)
             ctl.notes["moment"] = "SIGTERM burst landed while writing" if ctl.temp_files() else "burst overlapped the commit"
         mix = [signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2]
-        while sum(ctl.sent.values()) < total and ctl.signal(rng.choice(mix)):
-            time.sleep(rng.uniform(0, 0.004))
+        end = time.monotonic() + WAIT
+        while ctl.signal(rng.choice(mix)) and time.monotonic() < end:
+            time.sleep(rng.uniform(0, 0.004) if sum(ctl.sent.values()) >= total else rng.uniform(0, 0.002))
 
     return script
 
@@ -1110,6 +1114,41 @@ def fault_plain_preemption(lead: int = 3) -> FaultScript:
     return script
 
 
+def teardown_trials(workdir: Path, points: Sequence[str] = ("train_end", "fit_end", "teardown")) -> Tally:
+    """SIGTERM after the last step, at each point of the way out of ``trainer.fit``; then a restart.
+
+    The run must end cleanly (exit 0) and the restart must do nothing: resume at the end, train no step.
+    """
+    tally = Tally("SIGTERM after the last step (on_train_end / on_fit_end / teardown), then a restart")
+    started = time.monotonic()
+    for point in points:
+        d = _mk(workdir / point)
+        first = run_attempt(train_command(d / "record-0.jsonl", max_steps=6, self_signal=[f"{point}:TERM"]),
+                            d / "run", 0, log=d / "attempt-0.log")
+        tally.trials += 1
+        tally.injected += f"self-signal SIGTERM at {point}" in first.output
+        inv = inventory(d / "run" / "checkpoints", loadable=True)
+        tally.moments[f"{point}: exit {first.exit_code}"] += 1
+        if first.exit_code != 0:
+            tally.problem(f"{point}: the finished run ended with exit code {first.exit_code} (death by the signal's "
+                          "default action) instead of 0; its final checkpoint is intact")
+        if inv.broken or inv.temps or inv.newest_intact_step != 6:
+            tally.problem(f"{point}: checkpoints after the signal: intact {inv.intact}, broken {inv.broken}, temps {inv.temps}")
+        again = run_attempt(train_command(d / "record-1.jsonl", max_steps=6), d / "run", 1, log=d / "attempt-1.log")
+        trained = [k for k in load_losses(d / "record-1.jsonl")[0] if k[0] == "train"]
+        events = [e["event"] for e in again.events]
+        if again.timed_out:
+            tally.hang += 1
+        elif again.exit_code == 0 and not trained and "train_start" not in events and "finish" in events:
+            tally.resumed_newest += 1
+        else:
+            tally.lost += 1
+            tally.problem(f"{point}: the restart exited {again.exit_code}, trained {len(trained)} step(s), events {events}")
+    tally.notes.append("a restart of the finished run resumes its final checkpoint and trains nothing")
+    tally.seconds = time.monotonic() - started
+    return tally
+
+
 def reference_run(workdir: Path, max_steps: int, ballast_mb: float) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     record = workdir / "record.jsonl"
@@ -1157,8 +1196,9 @@ def campaign(args: argparse.Namespace) -> list[Tally]:
                 tallies.append(t)
             else:
                 say("  (tmpfs cannot be mounted here: ENOSPC campaign skipped)")
-        lightning = [k for k in ("lightning-kill", "lightning-disk-full", "storm", "term-during-save", "early-second") if want(k)]
-        if lightning:
+        lightning = [k for k in ("lightning-kill", "lightning-disk-full", "storm", "term-during-save", "early-second",
+                                 "teardown") if want(k)]
+        if set(lightning) - {"teardown"}:
             max_steps = 90 if not quick else 40
             say(f"reference run ({max_steps} steps) ...")
             ref = reference_run(root / "reference", max_steps, 16)
@@ -1197,6 +1237,9 @@ def campaign(args: argparse.Namespace) -> list[Tally]:
             lightning_chain(t, _mk(root / "term"), [fault_term_during_save() for _ in range(k)], max_steps=max_steps,
                             ballast_mb=16, expect_exit=144, reference=ref)
             tallies.append(t)
+        if "teardown" in lightning:
+            say("teardown: 3 trials ...")
+            tallies.append(teardown_trials(_mk(root / "teardown")))
         if "early-second" in lightning:
             k = counts["early-second"]
             say(f"early-second: {k} trials ...")
@@ -1301,7 +1344,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--trials", type=int, default=None, help="SIGKILL trials at the store (others scale with it); default 150")
     p.add_argument("--quick", action="store_true", help="a smoke run: few trials of each kind")
     p.add_argument("--only", default=None, help="comma-separated campaigns: store-kill, damage, disk-full, lightning-kill, "
-                   "lightning-disk-full, storm, term-during-save, early-second")
+                   "lightning-disk-full, storm, term-during-save, early-second, teardown")
     p.add_argument("--out", type=Path, default=SCRIPT.parent / "FAULTS.md")
     p.add_argument("--keep-workdir", action="store_true")
     args = p.parse_args(argv)

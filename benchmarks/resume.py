@@ -39,8 +39,13 @@ def run(ctx: Context) -> Section:
                                timeout=600), "resume: preempted run", ok_codes=(144,))
     nbytes = first["checkpoint"]["bytes"]
     samples: dict[str, list[dict[str, Any]]] = {"resumed": [], "fresh": []}
+    if ctx.quick:  # the preempted run started fresh: use it as the fresh sample (saves a process start)
+        samples["fresh"].append(dict(first, start_to_first=first["first_step_at"] - first["_launched_at"],
+                                     ready_to_first=first["first_step_at"] - first["ready_at"]))
     for rep in range(p["reps"]):
         for arm in interleaved_order(["resumed", "fresh"], rep):
+            if ctx.quick and arm == "fresh":
+                continue
             ctx.log(f"resume: repetition {rep + 1}/{p['reps']}, {arm}")
             rd = run_dir if arm == "resumed" else ctx.scratch(f"resume-fresh-{rep}")
             res = require(run_worker("workers", dict(spec, run_dir=str(rd), exit_after_first_step=True,

@@ -188,7 +188,8 @@ def overhead_reps(devices: int, rank: int, run_root: Path, reps: int, steps: int
                   make_model: Any) -> dict[str, Any]:
     """Per-step time of fresh Trainers, arms interleaved in this process (every rank runs the same plan).
 
-    Arms: ``plain`` (a plain Trainer), ``callback`` (with ``PreemptionCallback``, no signal),
+    Arms: ``plain`` (a plain Trainer), ``empty`` (plain plus a callback that does nothing: what Lightning's
+    per-hook dispatch costs for any callback), ``callback`` (with ``PreemptionCallback``, no signal),
     ``callback_noexact`` (the callback with ``exact_data=False``: no per-batch bookkeeping of the data
     position and RNG), and ``no_pl_broadcast`` (plain, with Lightning's own per-step SIGTERM broadcast
     switched off: a reference for what one blocking collective per step costs).
@@ -203,6 +204,8 @@ def overhead_reps(devices: int, rank: int, run_root: Path, reps: int, steps: int
             timer = StepTimer(warmup)
             callbacks: list[Any] = [timer]
             cb = None
+            if arm == "empty":
+                callbacks.insert(0, pl.Callback())
             if arm.startswith("callback"):
                 cb = TimedCallback(run_dir=run_root / f"{arm}-{rep}", requeue="none", exact_data=arm == "callback")
                 callbacks.insert(0, cb)

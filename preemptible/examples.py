@@ -43,6 +43,7 @@ class TinyModel(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         loss = nn.functional.cross_entropy(self.net(x), y)
+        self.log("train_loss", loss)
         if self.step_sleep:
             time.sleep(self.step_sleep)
         return loss

@@ -295,7 +295,7 @@ class CheckpointStore:
         """Move a bad checkpoint and its record aside (never delete: an operator may want to look)."""
         target = self.directory / "quarantine"
         target.mkdir(exist_ok=True, mode=0o700)
-        stamp = time.strftime("%Y%m%dT%H%M%S")
+        stamp = time.strftime("%Y%m%dT%H%M%S") + f".{time.time_ns() % 1_000_000_000:09d}"  # unique: never overwrite an earlier one
         moved = None
         for p in (ckpt.path, ckpt.record_path):
             try:

@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "preemptible.testing.SignalAtStep); repeat for later attempts")
     p.add_argument("--signal-rank", type=int, action="append", default=None, help="testing: only this rank signals itself")
     p.add_argument("--requeue", default="auto")
+    p.add_argument("--loggers", default="", help="comma-separated: tensorboard,csv,wandb (written under --log-dir)")
+    p.add_argument("--log-dir", default="logs")
     p.add_argument("--every-n-steps", type=int, default=None, help="periodic safety checkpoints every N steps")
     p.add_argument("--every-n-minutes", type=float, default=None, help="periodic safety checkpoints every M minutes")
     p.add_argument("--sync-periodic", action="store_true", help="write periodic checkpoints in the training thread")
@@ -91,7 +93,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         max_epochs=args.max_epochs,
         accumulate_grad_batches=args.accumulate,
         callbacks=callbacks,
-        logger=False,
+        logger=_loggers(args) or False,
+        log_every_n_steps=1,
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -103,6 +106,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if trainer.is_global_zero:
         print(f"training finished at global step {trainer.global_step}", flush=True)
     return {"global_step": trainer.global_step, "rank": trainer.global_rank, "weights": state_digest(model)}
+
+
+def _loggers(args: argparse.Namespace) -> list[Any]:
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    made: list[Any] = []
+    for name in filter(None, args.loggers.split(",")):
+        if name == "tensorboard":
+            made.append(TensorBoardLogger(args.log_dir, name="tb"))
+        elif name == "csv":
+            made.append(CSVLogger(args.log_dir, name="csv"))
+        elif name == "wandb":
+            made.append(WandbLogger(save_dir=args.log_dir, project="preemptible-example"))
+        else:
+            raise SystemExit(f"--loggers: unknown logger {name!r}; use tensorboard, csv or wandb")
+    return made
 
 
 def main(argv: Sequence[str] | None = None) -> int:

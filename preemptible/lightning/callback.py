@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 import signal
 import time
 import warnings
@@ -21,13 +23,14 @@ from preemptible.exit import Preempted, RequeueLimitReached
 from preemptible.lightning import hooks
 from preemptible.lightning.compat import check_checkpoint_fits
 from preemptible.lightning.loaders import LoaderTracker
+from preemptible.lightning.loggers import export_wandb_run_id, keep_logger_versions
 from preemptible import votes
 from preemptible.deadline import JobDeadline
 from preemptible.lightning.saving import BackgroundWriter, save_checkpoint, warn_if_short_of_space
 from preemptible.lock import RunLock, RunLockedError
 from preemptible.requeue import RequeueBackend, RequeueError, select_backend
 from preemptible.rng import capture_rng
-from preemptible.rundir import ProgressFile, RunDirectory, resolve_run_dir
+from preemptible.rundir import ProgressFile, RunDirectory, RunDirError, resolve_run_dir
 from preemptible.signals import DEFAULT_SIGNALS, SignalRecorder
 
 log = logging.getLogger(__name__)
@@ -160,6 +163,11 @@ class PreemptionCallback(Callback):
         self._lock: RunLock | None = None
         # Record from construction on: a SIGTERM during data preparation is acted on when training starts.
         self.signals.install()
+        if "wandb" in sys.modules or importlib.util.find_spec("wandb") is not None:
+            try:
+                export_wandb_run_id(self._rundir())
+            except RunDirError:
+                pass  # reported, with the fix, when training starts
 
     # ------------------------------------------------------------------------------------------------
     # Public helpers
@@ -203,6 +211,7 @@ class PreemptionCallback(Callback):
             check_checkpoint_fits(ckpt, pl_module, trainer.world_size, self.allow_world_size_change)
         if trainer.is_global_zero:
             warn_if_short_of_space(run.store, pl_module)
+        keep_logger_versions(trainer, run)
         self.signals.install()
         if not self.signals.installed:
             warnings.warn("preemptible: trainer.fit is not running in the main thread, so no signal handler "
@@ -440,6 +449,7 @@ class PreemptionCallback(Callback):
         assert self._stop is not None
         stop, run = self._stop, self._rundir()
         step, path = stop.step, str(stop.checkpoint) if stop.checkpoint else None
+        _flush_loggers(trainer)
         if stop.over_limit:
             # Every rank exits 1, so that no supervisor (srun takes the highest exit code) sees a requeue request.
             message = (f"preemptible: requeue limit reached ({self.max_requeues} requeues used). Not requeueing; "
@@ -524,6 +534,16 @@ def _validation_due(trainer: "pl.Trainer") -> bool:
         return bool(check(fetcher))
     except Exception:  # noqa: BLE001 - a private helper changed shape: save now rather than guess
         return False
+
+
+def _flush_loggers(trainer: "pl.Trainer") -> None:
+    """Write what the loggers still buffer (CSVLogger keeps up to 100 steps in memory), so no metric is lost."""
+    for logger in trainer.loggers:
+        try:
+            logger.save()
+            logger.finalize("preempted")
+        except Exception as exc:  # noqa: BLE001 - a logger's trouble must not stop the exit path
+            warnings.warn(f"preemptible: could not flush {type(logger).__name__} before exiting: {exc}", stacklevel=2)
 
 
 def _last_save_seconds(run: RunDirectory) -> float | None:

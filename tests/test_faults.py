@@ -1,0 +1,293 @@
+"""Fault injection (issue 6), in small numbers: SIGKILL during checkpoint writes, damaged files, disk full,
+signals in awkward places, retention over repeated preemptions.
+
+The campaigns with hundreds of trials are ``make faults`` (``benchmarks/faults.py``); that script also
+provides the child processes used here (a looping checkpoint writer, the example training with a bigger
+checkpoint and self-signals) and the checks that recompute every committed checkpoint from its bytes
+instead of trusting the store.
+"""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import re
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from helpers import assert_same_as_reference
+
+from preemptible.store import CheckpointError, CheckpointStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_campaign():
+    spec = importlib.util.spec_from_file_location("preemptible_fault_campaign", REPO / "benchmarks" / "faults.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
+
+
+faults = _load_campaign()
+MiB = faults.MiB
+# The configuration of test_preemption.py, so that the session's uninterrupted reference run is shared.
+STEPS, SLEEP = 24, 0.05
+
+
+def _reference(reference_run, **options):
+    return reference_run(max_steps=STEPS, devices=1, step_sleep=SLEEP, **options)
+
+
+def _chain(tmp_path, scripts, reference, **kw):
+    tally = faults.Tally("test")
+    results = faults.lightning_chain(tally, tmp_path, scripts, max_steps=STEPS, step_sleep=SLEEP, reference=reference, **kw)
+    return tally, results
+
+
+def _committed(run_dir: Path) -> list[str]:
+    return sorted(p.name[: -len(".commit.json")] for p in (run_dir / "checkpoints").glob("step-*.ckpt.commit.json"))
+
+
+def _name(step: int) -> str:
+    return f"step-{step:09d}.ckpt"
+
+
+# =====================================================================================================
+# SIGKILL during checkpoint writes
+# =====================================================================================================
+def test_sigkill_during_store_writes_keeps_the_newest_complete_checkpoint(tmp_path: Path) -> None:
+    # 10 restarts of a writer committing 8 MiB checkpoints in a loop, each SIGKILLed: half when its temp file
+    # reaches a random size (certainly mid-write), half after a random delay.
+    tally = faults.store_kill_trials(tmp_path, 10, seed=61, size=8 * MiB, max_delay=0.5, targeted=0.5)
+    assert tally.problems == []
+    assert (tally.trials, tally.injected, tally.resumed_newest) == (10, 10, 10)
+    assert (tally.partial_loaded, tally.lost, tally.hang) == (0, 0, 0)
+    mid_write = sum(n for moment, n in tally.moments.items() if moment.startswith("mid-write"))
+    assert tally.stats["targeted"] > 0 and mid_write >= 1, tally.moments
+
+
+def test_sigkill_during_and_right_after_the_emergency_save(tmp_path: Path, reference_run) -> None:
+    # Attempt 0: SIGUSR1, then SIGKILL the moment its checkpoint's commit record appears (on the way out).
+    # Attempt 1 resumes that checkpoint; SIGUSR1, then SIGKILL the moment the next checkpoint's temp file appears.
+    # Attempt 2 must skip the partial file, resume attempt 0's checkpoint, and finish like an uninterrupted run.
+    tally, (committed, partial, last) = _chain(
+        tmp_path, [faults.fault_kill_when("record"), faults.fault_kill_when("temp")], _reference(reference_run),
+        ballast_mb=16, expect_exit=-signal.SIGKILL)
+    assert tally.problems == [], "\n".join(tally.problems)
+    step = committed.event("stop_agreed")["step"]
+    assert committed.exit_code == -signal.SIGKILL and committed.notes["moment"] == "killed after the commit (on the way out)"
+    assert partial.start_step == step, "the checkpoint committed just before the kill is the one resumed"
+    assert partial.exit_code == -signal.SIGKILL and partial.notes["moment"] == "killed mid-write (temp file left)"
+    assert partial.event("stop_agreed")["step"] > step
+    assert last.start_step == step and last.exit_code == 0, "the partial write is never loaded; the previous one is"
+    assert tally.resumed_newest == 2
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*")), "the dead writer's temp file is removed on restart"
+    # 'every loss and the final weights bitwise equal' is checked by the chain (no problem was reported)
+    assert tally.notes == ["every loss and the final weights are bitwise those of an uninterrupted run"]
+
+
+# =====================================================================================================
+# Damaged files
+# =====================================================================================================
+def test_damaged_checkpoints_and_records_are_reported_quarantined_and_the_previous_used(tmp_path: Path) -> None:
+    # 40 trials: 2-4 committed checkpoints, the newest 1-3 damaged at random (kind, offset, bits).
+    tally = faults.damage_trials(tmp_path, 40, seed=62)
+    assert tally.problems == []
+    assert set(tally.moments) == set(faults.DATA_DAMAGE + faults.RECORD_DAMAGE), "every kind of damage was drawn"
+    assert tally.trials == tally.resumed_newest == 40
+    assert (tally.partial_loaded, tally.lost) == (0, 0)
+    # every damaged checkpoint except one without record (never committed, by definition) is reported and moved aside
+    assert tally.clear_error == tally.injected - tally.moments["record missing"]
+
+
+def test_quarantine_never_overwrites_an_earlier_quarantined_file(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    good = faults.commit_payload(store, 1, 1000)
+    for i in range(2):  # the same file name, damaged and quarantined twice within the same second
+        bad = faults.commit_payload(store, 2, 2000 + i)
+        assert bad.path.name == _name(2)
+        bad.path.write_bytes(b"damaged %d" % i)
+        with pytest.warns(UserWarning, match=bad.path.name):
+            assert store.latest_valid().path == good.path
+    kept = sorted(p.read_bytes() for p in (tmp_path / "quarantine").iterdir() if ".commit.json" not in p.name)
+    assert kept == [b"damaged 0", b"damaged 1"]
+
+
+# =====================================================================================================
+# Disk full and write errors
+# =====================================================================================================
+def test_write_error_at_a_random_offset_is_clear_and_leaves_nothing(tmp_path: Path) -> None:
+    # A child process whose files may not grow past a random limit (RLIMIT_FSIZE, SIGXFSZ ignored): EFBIG.
+    tally = faults.rlimit_store_trials(tmp_path, 4, seed=63)
+    assert tally.problems == []
+    assert tally.trials == tally.clear_error == tally.resumed_newest == 4
+
+
+def test_enospc_on_a_small_tmpfs_is_clear_and_leaves_nothing(tmp_path: Path) -> None:
+    with faults.tmpfs(8 * MiB) as mnt:
+        if mnt is None:
+            pytest.skip("mount -t tmpfs is not permitted here (the RLIMIT_FSIZE tests cover write errors)")
+        store = CheckpointStore(mnt / "ckpt")
+        prev = faults.commit_payload(store, 1, 256 * 1024)
+        faults.fill_until_free(mnt, 1 * MiB)
+        with pytest.raises(CheckpointError, match=r"writing checkpoint step-000000002\.ckpt failed: \[Errno 28\] No space left"):
+            faults.commit_payload(store, 2, 3 * MiB)
+        inv = faults.inventory(mnt / "ckpt")
+        assert (inv.temps, inv.orphans, inv.broken) == ([], [], [])
+        assert inv.intact == {prev.path.name: 1}
+        assert store.latest_valid().path == prev.path
+
+
+def test_a_failed_commit_record_write_leaves_the_previous_checkpoint_and_no_file(tmp_path: Path, monkeypatch) -> None:
+    store = CheckpointStore(tmp_path)
+    prev = faults.commit_payload(store, 1, 1000)
+
+    def disk_full(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("preemptible.store.atomic_write_json", disk_full)
+    with pytest.raises(CheckpointError, match=r"committing checkpoint step-000000002\.ckpt failed: .*No space left"):
+        faults.commit_payload(store, 2, MiB)
+    monkeypatch.undo()
+    assert store.latest_valid().path == prev.path
+    assert [c.path for c in store.committed()] == [prev.path]
+    leftovers = sorted(p.name for p in tmp_path.iterdir() if p not in (prev.path, prev.record_path))
+    if leftovers == [_name(2)]:
+        pytest.xfail("known issue (reported): a save that fails at its commit record leaves the renamed data file "
+                     "behind, without record: never loaded, but it keeps a full disk full and is never cleaned up")
+    assert leftovers == []
+
+
+def test_disk_full_in_the_emergency_save_is_a_clear_error(tmp_path: Path, reference_run) -> None:
+    # Attempt 0 is preempted normally (checkpoint A). Attempt 1 runs with RLIMIT_FSIZE = 1 MiB and a ~4 MiB
+    # checkpoint: its emergency save fails. Attempt 2 resumes A and finishes like an uninterrupted run.
+    tally, (first, failed, last) = _chain(
+        tmp_path, [faults.fault_plain_preemption(), faults.fault_plain_preemption()], _reference(reference_run),
+        ballast_mb=4, expect_exit=1, scene=1, preexec=faults.fsize_limit(MiB), error_text=("CheckpointError",))
+    assert tally.problems == [], "\n".join(tally.problems)
+    saved = first.checkpoint_event["step"]
+    assert first.exit_code == 144 and _committed(tmp_path / "run") != []
+    stop = failed.event("stop_agreed")["step"]
+    assert failed.start_step == saved and stop > saved and failed.exit_code == 1
+    assert re.search(rf"CheckpointError: writing checkpoint {_name(stop)} failed: \[Errno 27\] File too large", failed.output), \
+        failed.output[-2000:]
+    assert failed.checkpoint_event is None
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*")), "no half-written file is left behind"
+    assert last.start_step == saved and last.exit_code == 0, "the next start resumes the intact previous checkpoint"
+    assert tally.clear_error == 1 and tally.resumed_newest == 1
+
+
+# =====================================================================================================
+# Signals in awkward places
+# =====================================================================================================
+def test_storm_of_signals_with_sigterms_while_the_checkpoint_is_written(tmp_path: Path, reference_run) -> None:
+    # SIGUSR1 at a random step; 30 SIGTERMs the moment the checkpoint's temp file appears; then SIGUSR1/TERM/USR2
+    # every 0-4 ms, 100 at least and on until the process is gone.
+    tally, (stormed, last) = _chain(tmp_path, [faults.fault_storm()], _reference(reference_run), ballast_mb=16,
+                                    expect_exit=144)
+    wrong_exit = [p for p in tally.problems if p.startswith("attempt 0 exited")]
+    assert [p for p in tally.problems if p not in wrong_exit] == []
+    assert sum(stormed.sent.values()) >= 100 and stormed.sent["SIGTERM"] >= 30
+    assert stormed.notes["moment"] == "SIGTERM burst landed while writing"
+    stop = stormed.event("stop_agreed")["step"]
+    assert stormed.checkpoint_event["step"] == stop and _committed(tmp_path / "run")[0] == _name(stop)
+    assert [e["count"] for e in stormed.events if e["event"] == "signal"] == [1], "one signal noted, one save"
+    assert last.start_step == stop and last.exit_code == 0
+    assert tally.notes == ["every loss and the final weights are bitwise those of an uninterrupted run"]
+    if stormed.exit_code != 144:
+        assert stormed.exit_code in (-signal.SIGUSR1, -signal.SIGTERM, -signal.SIGUSR2)
+        pytest.xfail(f"known issue (reported): exit code {stormed.exit_code}, not 144: a signal that lands while the "
+                     "interpreter finalizes (Python resets its handlers to SIG_DFL then) kills the process")
+    assert stormed.exit_code == 144
+
+
+def test_second_preemption_right_after_resume_and_retention(tmp_path: Path, reference_run) -> None:
+    # Five preemptions in one run (keep=2): at step 4; during the resumed run's set-up (before any step); right
+    # after the resumed run's first step; then twice more. The checkpoints present are checked after each.
+    present: dict[int, list[str]] = {}
+
+    def snapshot(k: int) -> None:
+        present[k] = _committed(tmp_path / "run")
+
+    scripts = [faults.fault_early_second("first"), faults.fault_early_second("before-first-step"),
+               faults.fault_early_second("after-first-step"), faults.fault_plain_preemption(4),
+               faults.fault_plain_preemption(4)]
+    tally, results = _chain(tmp_path, scripts, _reference(reference_run), ballast_mb=0, expect_exit=144, between=snapshot)
+    assert tally.problems == [], "\n".join(tally.problems)
+    assert [r.exit_code for r in results] == [144] * 5 + [0]
+    a = results[0].checkpoint_event["step"]
+    # A signal before the resumed run's first step: it stops at once, saves nothing new, exits for a requeue.
+    assert results[1].start_step == a and results[1].event("stop_agreed")["step"] == a
+    assert results[1].checkpoint_event is None
+    # A signal right after the resumed run's first step: a new checkpoint one or two steps later.
+    assert results[2].start_step == a
+    b = results[2].checkpoint_event["step"]
+    assert b in (a + 1, a + 2)
+    c = results[3].checkpoint_event["step"]
+    d = results[4].checkpoint_event["step"]
+    assert [r.start_step for r in results] == [0, a, a, b, c, d]
+    # keep=2: the oldest committed checkpoint is pruned (deleted with its record, not quarantined), never the one
+    # the run resumed from; the finished run leaves its final checkpoint and its predecessor.
+    assert present == {0: [], 1: [_name(a)], 2: [_name(a)], 3: [_name(a), _name(b)], 4: [_name(b), _name(c)],
+                       5: [_name(c), _name(d)]}
+    assert _committed(tmp_path / "run") == [_name(d), _name(STEPS)]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == sorted(
+        [_name(d), _name(d) + ".commit.json", _name(STEPS), _name(STEPS) + ".commit.json"])
+    assert tally.notes == ["every loss and the final weights are bitwise those of an uninterrupted run"]
+
+
+def test_signal_during_the_sanity_check(tmp_path: Path, reference_run) -> None:
+    options = {"val_every": 5, "sanity_steps": 2}
+    reference = _reference(reference_run, **options)
+    run_dir = tmp_path / "run"
+    first = faults.run_attempt(faults.train_command(tmp_path / "record-0.jsonl", max_steps=STEPS, step_sleep=SLEEP,
+                                                    self_signal=["sanity:TERM"], **options), run_dir, 0)
+    assert "faults: self-signal SIGTERM at sanity" in first.output
+    assert first.exit_code == 144, first.output[-2000:]
+    assert first.event("stop_agreed")["step"] == 0 and first.checkpoint_event is None, "nothing trained: nothing saved"
+    assert faults.load_losses(tmp_path / "record-0.jsonl") == ({}, {})
+    assert _committed(run_dir) == []
+    second = faults.run_attempt(faults.train_command(tmp_path / "record-1.jsonl", max_steps=STEPS, step_sleep=SLEEP,
+                                                     **options), run_dir, 1)
+    assert second.exit_code == 0 and second.start_step == 0
+    assert_same_as_reference(tmp_path / "record-1.jsonl", reference)
+
+
+@pytest.mark.parametrize("point", ["train_end", "fit_end"])
+def test_sigterm_after_the_last_step(tmp_path: Path, point: str) -> None:
+    # train_end: preemptible's recording handler is in place. fit_end: Lightning has already restored the
+    # handlers that were there before fit, and preemptible's own on_fit_end has not run yet.
+    import torch
+
+    from preemptible.tracing import state_digest
+
+    run_dir = tmp_path / "run"
+    first = faults.run_attempt(faults.train_command(tmp_path / "record-0.jsonl", max_steps=6,
+                                                    self_signal=[f"{point}:TERM"]), run_dir, 0)
+    assert f"faults: self-signal SIGTERM at {point}" in first.output
+    inv = faults.inventory(run_dir / "checkpoints", loadable=True)
+    assert (inv.broken, inv.temps, inv.orphans) == ([], [], [])
+    assert inv.intact == {_name(6): 6}, "the final checkpoint was committed before the signal"
+    state = torch.load(run_dir / "checkpoints" / _name(6), map_location="cpu", weights_only=True)["state_dict"]
+    digest = state_digest(type("Saved", (), {"state_dict": lambda self: state})())
+
+    again = faults.run_attempt(faults.train_command(tmp_path / "record-1.jsonl", max_steps=6), run_dir, 1)
+    losses, final = faults.load_losses(tmp_path / "record-1.jsonl")
+    assert again.exit_code == 0
+    assert [e["event"] for e in again.events] == ["resume", "finish"], "the restart trains no step"
+    assert losses == {} and final == {0: digest}, "it ends with the weights of the final checkpoint"
+    if point == "train_end":
+        assert first.exit_code == 0
+        assert faults.load_losses(tmp_path / "record-0.jsonl")[1] == {0: digest}
+        return
+    # fit_end: nothing was lost and the restart does nothing; but so far the process itself dies by SIGTERM there,
+    # before preemptible's on_fit_end, so the journal has no "finish" and run.json still says "running".
+    if first.exit_code == -signal.SIGTERM:
+        assert "finish" not in [e["event"] for e in first.events]
+        pytest.xfail("known issue (reported): a SIGTERM after Lightning restored the pre-fit handlers kills the "
+                     "finished run (exit -15) instead of letting it exit 0")
+    assert first.exit_code == 0 and "finish" in [e["event"] for e in first.events]
