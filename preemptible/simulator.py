@@ -105,6 +105,7 @@ class LocalSupervisor:
         env: Optional[dict[str, str]] = None,
         on_event: Optional[Callable[[str], None]] = None,
         stdout: Optional[object] = None,
+        on_tick: Optional[Callable[[int, Optional[dict]], None]] = None,
     ) -> None:
         if not command:
             raise ValueError("no command to run: put it after '--', e.g. preemptible run -- python train.py")
@@ -118,6 +119,7 @@ class LocalSupervisor:
         self.timeout = timeout
         self.extra_env = dict(env or {})
         self.on_event = on_event or (lambda line: None)
+        self.on_tick = on_tick
         self.stdout = stdout
 
     def run(self) -> RunSummary:
@@ -159,6 +161,7 @@ class LocalSupervisor:
         self.on_event(f"attempt {index}: started pid {proc.pid}")
         deadline = time.monotonic() + self.timeout
         sent = 0
+        last_tick = 0.0
         try:
             while proc.poll() is None:
                 if time.monotonic() > deadline:
@@ -185,6 +188,9 @@ class LocalSupervisor:
                         if preemption.interval:
                             time.sleep(preemption.interval)
                         continue
+                if self.on_tick is not None and time.monotonic() - last_tick >= 0.5:
+                    last_tick = time.monotonic()
+                    self.on_tick(index, read_progress(self.run_dir) if self.run_dir else None)
                 time.sleep(0.01)
             proc.wait()
         finally:

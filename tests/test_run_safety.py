@@ -139,3 +139,19 @@ def test_free_space_warning_names_the_sizes(tmp_path: Path, monkeypatch: pytest.
     with pytest.warns(UserWarning, match="MiB free.*an emergency save may fail with a full disk"):
         warn_if_short_of_space(CheckpointStore(tmp_path / "ckpt"), TinyModel())
     assert sys.platform.startswith("linux")
+
+
+def test_progress_bar_keeps_working_under_the_callback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pytorch_lightning as pl
+
+    from preemptible import Preempted, PreemptionCallback
+    from preemptible.examples import BlobsData, TinyModel
+    from preemptible.tracing import SignalAtStep
+
+    cb = PreemptionCallback(run_dir=tmp_path / "run")
+    trainer = pl.Trainer(max_steps=8, callbacks=[cb, SignalAtStep(["3"])], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=True, enable_model_summary=False, limit_val_batches=0)
+    with pytest.raises(Preempted) as stopped:
+        trainer.fit(TinyModel(), datamodule=BlobsData(samples=64), ckpt_path=cb.resume_path())
+    assert stopped.value.step == 4 and stopped.value.code == 144
+    assert "Epoch 0" in capsys.readouterr().err, "the TQDM progress bar rendered"

@@ -51,9 +51,15 @@ def run_command(args: argparse.Namespace) -> int:
     plan = [Preemption(at_step=n, signal=args.signal, target=args.target) for n in args.preempt_at_step or []]
     plan += [Preemption(after_seconds=s, signal=args.signal, target=args.target) for s in args.preempt_after or []]
     console = Console(stderr=True)
-    supervisor = LocalSupervisor(command, run_dir=args.run_dir, plan=plan, max_restarts=args.max_restarts,
-                                 timeout=args.timeout, on_event=lambda line: console.print(f"[bold cyan]preemptible run[/]: {line}"))
-    summary = supervisor.run()
+    with console.status("starting...") as status:
+        def tick(attempt: int, progress: Any) -> None:
+            step = f"step {progress['step']}" if progress else "starting (imports, set-up)"
+            status.update(f"attempt {attempt}: {step}")
+
+        supervisor = LocalSupervisor(command, run_dir=args.run_dir, plan=plan, max_restarts=args.max_restarts,
+                                     timeout=args.timeout, on_tick=tick,
+                                     on_event=lambda line: console.print(f"[bold cyan]preemptible run[/]: {line}"))
+        summary = supervisor.run()
     console.print(summary_table(summary))
     code = summary.exit_code
     return 1 if code is None else (code if code >= 0 else 128 - code)
