@@ -24,7 +24,7 @@ def run(ctx: Context) -> Section:
     section = Section("grace", "6. The grace window (25 s of SLURM's default 30 s KillWait)", method=(
         "Extrapolated from the growth benchmark: a least-squares line through its signal → committed times "
         "(time = fixed + size ÷ rate) per world size, and, as a cautious second figure, the slowest throughput "
-        "measured at 100 MB or more with no fixed cost. The largest state is where the line reaches 25 s. "
+        "measured at 100 MB or more (else at the largest size measured) with no fixed cost. The largest state is where the line reaches 25 s. "
         "The stop itself waits for the step in progress (one process) or one more step (DDP: the agreement is read a "
         "step later): subtract up to one or two of your step times from the 25 s."))
     growth = ctx.sections.get("growth")
@@ -38,14 +38,14 @@ def run(ctx: Context) -> Section:
     best: dict[int, float] = {}
     for ws, fit in growth.data["fits"].items():
         a, b = fit["save_fixed"], fit["save_s_per_mb"]
-        pts = [x for x in growth.data["points"] if x["ws"] == ws and x["bytes"] >= 100 * MB]
-        slow = min((x["bytes"] / MB / x["save"] for x in pts), default=float("nan"))
+        pts = [x for x in growth.data["points"] if x["ws"] == ws]
+        big = [x for x in pts if x["bytes"] >= 100 * MB] or [max(pts, key=lambda x: x["bytes"])]
+        slow = min(x["bytes"] / MB / x["save"] for x in big)
         fit_mb = (WINDOW - a) / b if b == b and b > 0 else float("nan")
         slow_mb = WINDOW * slow
-        best[ws] = min(v for v in (fit_mb, slow_mb) if v == v) if (fit_mb == fit_mb or slow_mb == slow_mb) else float("nan")
+        best[ws] = min(v for v in (fit_mb, slow_mb) if v == v)
         table.add(ws, secs(a), f"{1 / b:.0f} MB/s" if b == b and b > 0 else "n/a", _gb(fit_mb) if fit_mb == fit_mb else "n/a",
-                  f"{slow:.0f} MB/s" if slow == slow else "n/a (no point ≥ 100 MB)",
-                  _gb(slow_mb) if slow_mb == slow_mb else "n/a")
+                  f"{slow:.0f} MB/s", _gb(slow_mb))
     section.tables.append(table)
     lowest = min(best.values())
     save = ctx.sections.get("save")
