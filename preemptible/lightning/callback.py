@@ -271,16 +271,15 @@ class PreemptionCallback(Callback):
         if step == self._last_step:
             return  # inside a gradient-accumulation window: never stop here
         self._last_step = step
+        now = time.monotonic()
+        self._step_seconds, self._last_boundary_time = now - self._last_boundary_time, now
         if trainer.is_global_zero:
             if self._progress.report(step, trainer.current_epoch) and self._lock is not None:
                 self._lock.heartbeat()
-            now = time.monotonic()
             if now - self._last_progress_event >= _PROGRESS_EVENT_SECONDS:
                 # A sparse (time, step) series in the journal, for timelines and goodput reports.
                 self._last_progress_event = now
                 self._rundir().journal.append("progress", step=step, epoch=trainer.current_epoch)
-        now = time.monotonic()
-        self._step_seconds, self._last_boundary_time = now - self._last_boundary_time, now
         if self._stop_at_next_boundary:
             decided, self._stop_at_next_boundary = self._stop_at_next_boundary, 0
             self._act(trainer, decided)
