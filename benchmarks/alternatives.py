@@ -11,7 +11,7 @@ Contenders, all training the same model on the same data with the same seed:
   ``LocalExecutor``, signalled with SIGUSR2 (submitit's preemption signal), relaunched on exit 144.
 
 The first two run under a simulated SLURM: ``SLURM_*`` variables per task, a stub ``scontrol`` on
-``PATH`` that only records its call, and an emulated controller that, once ``scontrol requeue`` was
+``PATH`` that only records its call (and a stub ``squeue`` that does not know the job), and an emulated controller that, once ``scontrol requeue`` was
 called, sends SIGTERM to every task, SIGKILL after a short KillWait, and starts the job again with
 ``SLURM_RESTART_COUNT`` incremented. Every run is bounded: a run that makes no progress for a while
 after the signal, without having asked for a requeue, is declared hung and killed.
@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import submitit
 
-from common import (BENCH_DIR, PYTHON, Context, Section, Table, child_env, free_port, launch, median, read_events,
+from common import (BENCH_DIR, PYTHON, Context, Section, Table, child_env, free_port, launch, read_events,
                     read_spec, secs)
 
 CONTENDERS = ["preemptible", "lightning", "submitit"]
@@ -198,6 +198,11 @@ STUB_SCONTROL = """#!/bin/sh
 echo "$(date +%s.%N) $*" >> "$BENCH_SCONTROL_LOG"
 exit 0
 """
+# The simulated job is unknown to any real SLURM on this machine: answer as squeue would for it.
+STUB_SQUEUE = """#!/bin/sh
+echo "slurm_load_jobs error: Invalid job id specified" >&2
+exit 1
+"""
 
 
 def _watch(alive: Callable[[], bool], tail: RecordTail, sig: Optional[Signal], send: Callable[[Signal], float],
@@ -241,9 +246,10 @@ def run_slurm_emulated(contender: str, cfg: dict[str, Any], wd: Path, sig: Optio
     """Run the contender as a SLURM job on this machine (one process per task), as described above."""
     bindir = wd / "bin"
     bindir.mkdir(parents=True, exist_ok=True)
-    stub = bindir / "scontrol"
-    stub.write_text(STUB_SCONTROL)
-    stub.chmod(0o755)
+    for name, text in (("scontrol", STUB_SCONTROL), ("squeue", STUB_SQUEUE)):
+        stub = bindir / name
+        stub.write_text(text)
+        stub.chmod(0o755)
     tail = RecordTail(Path(cfg["record"]))
     devices = int(cfg["devices"])
     attempts: list[Attempt] = []

@@ -6,22 +6,25 @@ independently of the store's own bookkeeping, that the run resumes from the newe
 checkpoint, that no partial or damaged file is ever handed out, that no committed checkpoint is
 lost, that nothing hangs, and that a fault the library cannot repair ends with a clear error.
 
-Campaigns:
+Campaigns (``--only`` takes these names):
 
 * ``store-kill``: a child process commits 24 MiB checkpoints in a loop through ``CheckpointStore``
   and is SIGKILLed at a random moment (or when its temp file reaches a random size).
 * ``lightning-kill``: the example training with a 16 MiB checkpoint gets a preemption signal and is
-  SIGKILLed a few milliseconds later, often in the middle of the emergency save.
+  SIGKILLed 0-400 ms later (or the moment its temp file / commit record appears).
+* ``periodic-kill``: SIGKILL without warning while background periodic checkpoints are written.
 * ``damage``: committed checkpoints are truncated, bit-flipped, emptied, overwritten with random
   bytes, or their commit record is damaged or removed.
 * ``disk-full``: a write fails with EFBIG (``RLIMIT_FSIZE`` in a child process, SIGXFSZ ignored) or
-  ENOSPC (a small tmpfs, when ``mount -t tmpfs`` works here), at the store and in a real emergency save.
-* ``signals``: storms of 100 mixed signals, SIGTERM while the checkpoint is being written, a second
-  preemption right after a resume.
+  ENOSPC (a small tmpfs, when ``mount -t tmpfs`` works here) at the store; ``lightning-disk-full``:
+  the same in a real emergency save.
+* ``storm``: 100+ mixed signals through the save and the exit; ``term-during-save``: SIGTERM while the
+  checkpoint is written; ``early-second``: a second preemption right after a resume; ``teardown``:
+  SIGTERM after the last step, then a restart.
 
 Usage::
 
-    python benchmarks/faults.py                 # default trial counts (about 10 minutes on 2 cores)
+    python benchmarks/faults.py                 # default trial counts (about 12 minutes on 2 cores)
     python benchmarks/faults.py --quick         # a smoke run
     python benchmarks/faults.py --trials 300    # scale every campaign
     python benchmarks/faults.py --only damage,store-kill
@@ -45,7 +48,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -165,11 +167,6 @@ def commit_payload(store: CheckpointStore, step: int, size: int) -> Any:
     pending = store.begin(step)
     store.write(pending, lambda f: [f.write(c) for c in payload_chunks(step, size)])
     return store.commit(pending, CommitRecord(file="", step=step, bytes=0, sha256="", reason="fault-campaign"))
-
-
-def step_of(name: str) -> Optional[int]:
-    m = CKPT_NAME.match(name)
-    return int(m.group(1)) if m else None
 
 
 # =====================================================================================================
@@ -401,6 +398,8 @@ class Control:
             return set()
 
     def signal(self, sig: signal.Signals) -> bool:
+        if not self.alive():  # reaps it: a zombie's process group would still accept signals
+            return False
         try:
             os.killpg(self.proc.pid, sig)
         except ProcessLookupError:
@@ -756,6 +755,7 @@ def rlimit_store_trials(workdir: Path, trials: int, *, seed: int = 3) -> Tally:
                               capture_output=True, text=True, timeout=WAIT, preexec_fn=fsize_limit(limit))
         tally.trials += 1
         tally.injected += 1
+        tally.moments["EFBIG at a random offset of the data"] += 1
         _judge_disk_full(tally, t, proc.returncode, proc.stdout + proc.stderr, directory, prev, "File too large")
     tally.seconds = time.monotonic() - started
     shutil.rmtree(directory, ignore_errors=True)
@@ -908,7 +908,7 @@ def lightning_chain(tally: Tally, workdir: Path, faults: Sequence[FaultScript], 
                     expect_exit: int, reference: Optional[Path], scene: int = 0, seed: int = 5,
                     preexec: Optional[Callable[[], None]] = None, between: Optional[Callable[[int], None]] = None,
                     error_text: Sequence[str] = (), run_dir: Optional[Path] = None,
-                    step_sleep: float = 0.05) -> list[AttemptResult]:
+                    step_sleep: float = 0.05, options: Optional[dict[str, Any]] = None) -> list[AttemptResult]:
     """Attempt k suffers ``faults[k]``; attempt k+1 must start from the newest intact committed checkpoint.
 
     The first ``scene`` faults only set the scene (plain preemptions that commit checkpoints; exit 144)
@@ -934,7 +934,7 @@ def lightning_chain(tally: Tally, workdir: Path, faults: Sequence[FaultScript], 
         record = workdir / f"record-{k}.jsonl"
         record.unlink(missing_ok=True)
         records.append(record)
-        cmd = train_command(record, max_steps=max_steps, ballast_mb=ballast_mb, step_sleep=step_sleep)
+        cmd = train_command(record, max_steps=max_steps, ballast_mb=ballast_mb, step_sleep=step_sleep, **(options or {}))
         script = (lambda ctl, f=fault: f(ctl, rng)) if fault is not None else None
         res = run_attempt(cmd, run_dir, k, script=script, preexec=preexec if counted else None,
                           log=workdir / f"attempt-{k}.log")
@@ -944,7 +944,7 @@ def lightning_chain(tally: Tally, workdir: Path, faults: Sequence[FaultScript], 
             judged = k - 1 >= scene
             if res.timed_out or res.start_step is None:
                 tally.hang += res.timed_out and judged
-                tally.problem(f"attempt {k} did not start training (exit {res.exit_code}): {res.output[-400:]}")
+                tally.problem(f"attempt {k}: did not start training (exit {res.exit_code}): {last_line(res.output)!r}")
             elif res.start_step != expected_start:
                 if judged:
                     if res.start_step in before.intact.values() or res.start_step == 0:
@@ -957,23 +957,25 @@ def lightning_chain(tally: Tally, workdir: Path, faults: Sequence[FaultScript], 
                 tally.resumed_newest += 1
         if fault is None:
             if res.exit_code != 0:
-                tally.problem(f"final attempt exited {res.exit_code}: {res.output[-400:]}")
+                tally.problem(f"final attempt exited {res.exit_code}: {last_line(res.output)!r}")
             continue
         want_exit = expect_exit if counted else 144
         if counted:
             tally.trials += 1
-            tally.injected += sum(n for s, n in res.sent.items() if s != "SIGUSR1") or 1
+            tally.injected += res.notes.get("injected", 1)
             tally.moments[res.notes.get("moment", "fault applied")] += 1
         if res.timed_out:
             tally.hang += counted
             tally.problem(f"attempt {k} hung and was killed after its time limit")
         elif res.exit_code != want_exit:
-            tally.problem(f"attempt {k} exited {res.exit_code}, expected {want_exit}: {res.output[-600:]}")
+            tally.problem(f"attempt {k}: exit code {res.exit_code}, expected {want_exit} "
+                          f"({describe_exit(res.exit_code)}); its last words: {last_line(res.output)!r}")
         elif counted and error_text:
-            if all(s in res.output for s in error_text):
+            final = final_error(res.output)
+            if all(s in final for s in error_text):
                 tally.clear_error += 1
             else:
-                tally.problem(f"attempt {k}: no clear error ({error_text}) in: {res.output[-600:]}")
+                tally.problem(f"attempt {k}: the error does not say {error_text}: {final!r}")
         after = inventory(run_dir / "checkpoints", loadable=True)
         for name in after.broken:
             tally.problem(f"attempt {k}: committed checkpoint {name} is damaged after the fault")
@@ -1000,6 +1002,23 @@ def lightning_chain(tally: Tally, workdir: Path, faults: Sequence[FaultScript], 
     return results
 
 
+def last_line(output: str) -> str:
+    lines = [ln for ln in output.splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else ""
+
+
+def describe_exit(code: Optional[int]) -> str:
+    if code is not None and code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return {144: "requeue", 0: "finished", 1: "error"}.get(code, "other")  # type: ignore[arg-type]
+
+
+def final_error(output: str) -> str:
+    """The last line of the traceback that ended the process (what a user reads first)."""
+    lines = [ln for ln in output.splitlines() if re.match(r"^[\w.]*(Error|Exception)\b.*: ", ln)]
+    return lines[-1] if lines else ""
+
+
 def classify_kill(ctl: Control, records_before: set[str]) -> str:
     if ctl.temp_files():
         return "killed mid-write (temp file left)"
@@ -1021,6 +1040,27 @@ def fault_kill_after_signal(max_delay: float, lead: int = 3) -> FaultScript:
         ctl.signal(signal.SIGKILL)
         ctl.proc.wait(timeout=30)
         ctl.notes["moment"] = classify_kill(ctl, before)
+
+    return script
+
+
+def fault_kill_during_training(max_delay: float = 0.15) -> FaultScript:
+    """SIGKILL without warning at a random moment 2-8 steps after the start (periodic saves may be in flight)."""
+
+    def script(ctl: Control, rng: random.Random) -> None:
+        start = ctl.wait_train_start()
+        before = ctl.records()
+        if start is None or not ctl.wait_step(start + rng.randint(2, 8)):
+            return
+        time.sleep(rng.uniform(0, max_delay))
+        ctl.signal(signal.SIGKILL)
+        ctl.proc.wait(timeout=30)
+        if ctl.temp_files():
+            ctl.notes["moment"] = "killed while a periodic checkpoint was being written"
+        elif ctl.records() - before:
+            ctl.notes["moment"] = "killed between saves (a periodic checkpoint committed since the start)"
+        else:
+            ctl.notes["moment"] = "killed between saves (none committed since the start)"
 
     return script
 
@@ -1059,6 +1099,7 @@ def fault_storm(total: int = 100, term_burst: int = 30) -> FaultScript:
         end = time.monotonic() + WAIT
         while ctl.signal(rng.choice(mix)) and time.monotonic() < end:
             time.sleep(rng.uniform(0, 0.004) if sum(ctl.sent.values()) >= total else rng.uniform(0, 0.002))
+        ctl.notes["injected"] = sum(ctl.sent.values())
 
     return script
 
@@ -1077,6 +1118,7 @@ def fault_term_during_save() -> FaultScript:
             writing = bool(ctl.temp_files())
             if ctl.wait_for(lambda: ctl.records() - before, interval=0.0005):
                 ctl.signal(signal.SIGTERM)
+            ctl.notes["injected"] = ctl.sent["SIGTERM"]
             ctl.notes["moment"] = "SIGTERM while writing + after commit" if writing else "SIGTERM just after the write"
 
     return script
@@ -1172,6 +1214,7 @@ def campaign(args: argparse.Namespace) -> list[Tally]:
         "damage": 2 * n,
         "disk-full": max(4, n // 4),
         "lightning-kill": max(2, n // 15),
+        "periodic-kill": max(2, n // 15),
         "lightning-disk-full": max(1, n // 50),
         "storm": max(1, n // 50),
         "term-during-save": max(1, n // 50),
@@ -1196,10 +1239,12 @@ def campaign(args: argparse.Namespace) -> list[Tally]:
                 tallies.append(t)
             else:
                 say("  (tmpfs cannot be mounted here: ENOSPC campaign skipped)")
-        lightning = [k for k in ("lightning-kill", "lightning-disk-full", "storm", "term-during-save", "early-second",
+        lightning = [k for k in ("lightning-kill", "periodic-kill", "lightning-disk-full", "storm", "term-during-save", "early-second",
                                  "teardown") if want(k)]
         if set(lightning) - {"teardown"}:
-            max_steps = 90 if not quick else 40
+            # Each trial uses up to ~8 steps past its resume point; the final attempt trains to the end.
+            longest = max(counts[k] for k in ("lightning-kill", "periodic-kill", "storm", "term-during-save", "early-second"))
+            max_steps = 40 if quick else max(90, 9 * longest + 10)
             say(f"reference run ({max_steps} steps) ...")
             ref = reference_run(root / "reference", max_steps, 16)
         if "lightning-kill" in lightning:
@@ -1211,6 +1256,14 @@ def campaign(args: argparse.Namespace) -> list[Tally]:
             lightning_chain(t, _mk(root / "lightning-kill"), faults, max_steps=max_steps, ballast_mb=16, expect_exit=-9,
                             reference=ref, scene=1)
             tallies.append(t)
+        if "periodic-kill" in lightning:
+            k = counts["periodic-kill"]
+            say(f"periodic-kill: {k} trials ...")
+            t = Tally("SIGKILL without warning during training with background checkpoints every 3 steps (16 MiB)")
+            lightning_chain(t, _mk(root / "periodic-kill"), [fault_kill_during_training() for _ in range(k)],
+                            max_steps=max_steps, ballast_mb=16, expect_exit=-9, reference=ref,
+                            options={"every_n_steps": 3})
+            tallies.append(t)
         if "lightning-disk-full" in lightning:
             k = counts["lightning-disk-full"]
             say(f"lightning-disk-full: {k} trials each ...")
@@ -1218,7 +1271,7 @@ def campaign(args: argparse.Namespace) -> list[Tally]:
             faults = [fault_plain_preemption() for _ in range(k + 1)]
             lightning_chain(t, _mk(root / "lightning-rlimit"), faults, max_steps=max_steps, ballast_mb=4, expect_exit=1,
                             reference=ref, scene=1, preexec=fsize_limit(MiB),
-                            error_text=("CheckpointError", "File too large", "step-"))
+                            error_text=("CheckpointError", "File too large", "step-0"))
             tallies.append(t)
             t = lightning_tmpfs_disk_full(_mk(root / "lightning-tmpfs"), k, max_steps, ref)
             if t is not None:
@@ -1226,7 +1279,7 @@ def campaign(args: argparse.Namespace) -> list[Tally]:
         if "storm" in lightning:
             k = counts["storm"]
             say(f"storm: {k} trials ...")
-            t = Tally("storm of 100 signals (USR1/TERM/USR2) from a random step through the save and the exit")
+            t = Tally("storm of 100+ signals (USR1/TERM/USR2) from a random step through the save and the exit")
             lightning_chain(t, _mk(root / "storm"), [fault_storm() for _ in range(k)], max_steps=max_steps, ballast_mb=16,
                             expect_exit=144, reference=ref)
             tallies.append(t)
@@ -1278,9 +1331,27 @@ def lightning_tmpfs_disk_full(workdir: Path, trials: int, max_steps: int, refere
         faults = [fault_plain_preemption() for _ in range(trials + 1)]
         lightning_chain(tally, workdir, faults, max_steps=max_steps, ballast_mb=4, expect_exit=1, reference=reference,
                         scene=1, run_dir=mnt / "run", between=between,
-                        error_text=("CheckpointError", "No space left on device", "step-"))
+                        error_text=("CheckpointError", "No space left on device", "step-0"))
     tally.moments = collections.Counter({"ENOSPC in the emergency save": tally.trials})
     return tally
+
+
+def grouped_problems(tallies: Sequence[Tally]) -> list[tuple[str, str]]:
+    """One line per distinct problem of a campaign, with the trials or attempts it happened in."""
+    out = []
+    for t in tallies:
+        groups: dict[str, list[str]] = {}
+        for p in t.problems:
+            m = re.match(r"^(trial|attempt) (\d+): (.*)$", p, re.S)
+            key, where = (m.group(3), f"{m.group(1)} {m.group(2)}") if m else (p, "")
+            if m:  # the same problem in another trial differs only in step numbers and paths
+                key = re.sub(r"(step[ -])\d+", r"\1N", key)
+                key = re.sub(r"/\S*/(step-N\.ckpt)", r".../\1", key)
+            groups.setdefault(key, []).append(where)
+        for key, where in groups.items():
+            seen = [w for w in where if w]
+            out.append((t.fault, f"{key} ({len(seen)}x: {', '.join(seen)})" if seen else key))
+    return out
 
 
 def write_report(tallies: Sequence[Tally], args: argparse.Namespace, seconds: float, path: Path) -> None:
@@ -1317,9 +1388,8 @@ def write_report(tallies: Sequence[Tally], args: argparse.Namespace, seconds: fl
         lines.append(f"* **{t.fault}** ({t.seconds:.0f} s): {moments_text(t) or '-'}")
         for note in t.notes:
             lines.append(f"  * {note}")
-    problems = [(t.fault, p) for t in tallies for p in t.problems]
     lines += ["", "## Problems", ""]
-    lines += [f"* {fault}: {p}" for fault, p in problems] or ["None."]
+    lines += [f"* {fault}: {p}" for fault, p in grouped_problems(tallies)] or ["None."]
     lines += [
         "",
         "## What this does not show",
@@ -1344,7 +1414,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--trials", type=int, default=None, help="SIGKILL trials at the store (others scale with it); default 150")
     p.add_argument("--quick", action="store_true", help="a smoke run: few trials of each kind")
     p.add_argument("--only", default=None, help="comma-separated campaigns: store-kill, damage, disk-full, lightning-kill, "
-                   "lightning-disk-full, storm, term-during-save, early-second, teardown")
+                   "periodic-kill, lightning-disk-full, storm, term-during-save, early-second, teardown")
     p.add_argument("--out", type=Path, default=SCRIPT.parent / "FAULTS.md")
     p.add_argument("--keep-workdir", action="store_true")
     args = p.parse_args(argv)

@@ -9,7 +9,6 @@ state is the one whose predicted save time reaches 25 s. Nothing is launched her
 
 from __future__ import annotations
 
-from typing import Any
 
 from common import MB, Context, Section, Table, secs
 
@@ -56,10 +55,12 @@ def run(ctx: Context) -> Section:
         "The extrapolation assumes the rate measured up to 1 GB holds further; page cache, a network filesystem or a "
         "disk shared with other jobs can lower it: measure on the cluster's checkpoint filesystem with "
         "`python benchmarks/run_all.py --only growth,grace --workdir <that filesystem>`.",
-        "Beyond that size (or on slower storage): do not rely on the emergency save alone. Keep periodic checkpoints so "
-        "that a save cut short by SIGKILL loses at most one interval (the store never loads a torn file: the previous "
-        "committed checkpoint is used), ask for more time before the kill (`sbatch --signal=USR1@<seconds>` for the time "
-        "limit; a partition `GraceTime` for preemption), and write checkpoints to the fastest filesystem available.",
+        "Beyond that size (or on slower storage): do not rely on the emergency save alone. Add periodic checkpoints "
+        "(`PreemptionCallback(every_n_minutes=...)`, written on a background thread with `async_save=True`) so that a "
+        "save cut short by SIGKILL loses at most one interval (the store never loads a torn file: the previous committed "
+        "checkpoint is used); for the time limit, give the save its time (`sbatch --signal=USR1@<seconds>`, and "
+        "`deadline=True` stops by itself when the time left no longer fits the last measured save); for preemption, ask "
+        "for a partition `GraceTime`; and write checkpoints to the fastest filesystem available.",
     ]
     if save is not None and not save.error and save.data:
         d = save.data

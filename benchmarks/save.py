@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (MB, Context, Section, Table, dd_write, interleaved_order, mbytes, median, paired_ratios, pct, rate,
+from common import (MB, Context, Section, Table, dd_write, interleaved_order, mbytes, median, paired_ratios, rate,
                     ratio, read_events, read_spec, require, run_worker, secs, spread, write_result)
 
 ARMS = ["emergency", "raw", "lightning", "dd"]
@@ -93,11 +93,17 @@ def run(ctx: Context) -> Section:
     ]
     table = Table(f"Saving a {mbytes(nbytes)} checkpoint ({len(reps)} repetitions)", [
         "path", "time (median)", "÷ raw [range]", "throughput", "÷ dd rate", "extra peak RSS", "÷ checkpoint size"])
+    dd_rates = [rate(r["dd"]["bytes"], r["dd"]["seconds"]) for r in reps]
+
+    def of_dd(sizes: list[float], times: list[float]) -> float:
+        """Median over repetitions of (throughput ÷ the dd rate measured in the same repetition)."""
+        return median([rate(b, t) / d for b, t, d in zip(sizes, times, dd_rates)])
+
     for name, times, sizes, rss in rows:
         r = paired_ratios(raw, times)
         thr = median([rate(b, t) for b, t in zip(sizes, times)])
         table.add(name, secs(median(times)), f"{ratio(median(r))} [{ratio(spread(r)[0])}, {ratio(spread(r)[1])}]",
-                  f"{thr:.0f} MB/s", f"{thr / dd_rate * 100:.0f} %", mbytes(median(rss)) if rss else "",
+                  f"{thr:.0f} MB/s", f"{of_dd(sizes, times) * 100:.0f} %", mbytes(median(rss)) if rss else "",
                   f"{median(rss) / median(sizes) * 100:.1f} %" if rss else "")
     table.note = (f"In the same run, `hashlib.sha256` over {mbytes(nbytes)} in memory took {secs(median(hash_s))} "
                   f"({rate(nbytes, median(hash_s)):.0f} MB/s): the emergency save computes the checksum while it writes, "
@@ -107,28 +113,34 @@ def run(ctx: Context) -> Section:
     em_vs_raw = median(paired_ratios(raw, col("emergency")))
     pl_vs_raw = median(paired_ratios(raw, col("lightning")))
     em_rate = median([rate(b, t) for b, t in zip(col("emergency", "bytes"), col("emergency"))])
+    em_of_dd = of_dd(col("emergency", "bytes"), col("emergency"))
+    raw_rate = median([rate(b, t) for b, t in zip(col("raw", "bytes"), raw)])
+    raw_of_dd = of_dd(col("raw", "bytes"), raw)
     em_rss = median(col("emergency", "extra_rss")) / em_bytes
     pl_rss = median(col("lightning", "extra_rss")) / median(col("lightning", "bytes"))
     targets = Table("Targets (issue 7)", ["target", "measured", "verdict"])
     targets.add("signal → committed ≤ 1.1× raw", ratio(em_vs_raw), "met" if em_vs_raw <= 1.1 else "missed")
     targets.add("extra peak RSS ≤ 10 % of the checkpoint", f"{em_rss * 100:.1f} %", "met" if em_rss <= 0.10 else "missed")
-    targets.add("throughput ≥ 80 % of the filesystem's rate", f"{em_rate / dd_rate * 100:.0f} %",
-                "met" if em_rate >= 0.8 * dd_rate else "missed")
+    targets.add("throughput ≥ 80 % of the filesystem's rate", f"{em_of_dd * 100:.0f} %", "met" if em_of_dd >= 0.8 else "missed")
     section.tables.append(targets)
     extra_s = median(col("emergency")) - median(raw)
     section.findings += [
         f"Signal → committed checkpoint is {ratio(em_vs_raw)} the raw `torch.save`+fsync of the same state; Lightning's "
         f"`save_checkpoint`+fsync is {ratio(pl_vs_raw)}.",
-        f"The emergency path adds {secs(extra_s)} over raw; hashing the same bytes alone takes {secs(median(hash_s))} here, "
-        "so the inline sha256 accounts for " + (f"about {min(1.0, median(hash_s) / extra_s) * 100:.0f} % of the difference."
-                                                if extra_s > 0 else "none of it (no measurable difference)."),
+        f"The emergency path takes {secs(extra_s)} more than raw (medians); hashing the same bytes alone takes "
+        f"{secs(median(hash_s))} here" + (f", i.e. the inline sha256 is about {median(hash_s) / extra_s * 100:.0f} % of the "
+                                         "difference" if 0 < median(hash_s) < extra_s else
+                                         ": the inline sha256 alone accounts for the whole difference") + ".",
         f"Extra peak memory: {em_rss * 100:.1f} % of the checkpoint for the emergency save (streamed, no in-memory copy), "
         f"{pl_rss * 100:.0f} % for Lightning's `save_checkpoint` (it serializes the whole checkpoint into a buffer first).",
         f"The filesystem's sequential rate (dd with fsync) was {dd_rate:.0f} MB/s; the emergency save reached "
-        f"{em_rate:.0f} MB/s ({em_rate / dd_rate * 100:.0f} %).",
+        f"{em_rate:.0f} MB/s ({em_of_dd * 100:.0f} % of dd in the same repetition), and raw `torch.save` itself "
+        f"{raw_rate:.0f} MB/s ({raw_of_dd * 100:.0f} %)" +
+        (": serialization is CPU-bound on this machine, so even a bare `torch.save` misses the 80 % target here."
+         if raw_of_dd < 0.8 else "."),
     ]
     section.data = {"mb": nbytes / MB, "bytes": nbytes, "emergency_vs_raw": em_vs_raw, "lightning_vs_raw": pl_vs_raw,
-                    "emergency_vs_dd": em_rate / dd_rate, "dd_rate": dd_rate, "emergency_rate": em_rate,
+                    "emergency_vs_dd": em_of_dd, "raw_vs_dd": raw_of_dd, "dd_rate": dd_rate, "emergency_rate": em_rate,
                     "emergency_rss_share": em_rss, "lightning_rss_share": pl_rss, "hash_seconds": median(hash_s),
                     "emergency_seconds": median(col("emergency")), "raw_seconds": median(raw)}
     return section

@@ -7,10 +7,10 @@ process per rank with torchrun-style variables).
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -108,7 +108,13 @@ class RssSampler:
 
 
 class StepTimer(pl.Callback):
-    """Time of each optimizer step's end; steady-state seconds per step after ``warmup`` steps."""
+    """Time of each optimizer step's end; the steady-state step time after ``warmup`` steps.
+
+    On a shared machine a step stalls whenever another process takes the core (or its hyper-thread
+    sibling), and a mean charges those stalls to whichever arm happened to run then. So the figures
+    are order statistics of the step durations: the median, and the lower decile (the least disturbed
+    steps, closest to the uncontended cost).
+    """
 
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
@@ -117,27 +123,35 @@ class StepTimer(pl.Callback):
     def on_train_batch_end(self, trainer: "pl.Trainer", *args: Any) -> None:
         self.times.append(time.perf_counter())
 
-    def per_step(self) -> float:
-        t = self.times[self.warmup - 1:] if self.warmup else self.times
-        return (t[-1] - t[0]) / (len(t) - 1)
+    def durations(self) -> list[float]:
+        t = self.times[max(0, self.warmup - 1):]
+        return sorted(b - a for a, b in zip(t, t[1:]))
+
+    def per_step(self, quantile: float = 0.5) -> float:
+        d = self.durations()
+        return d[min(len(d) - 1, int(quantile * len(d)))] if quantile != 0.5 else statistics.median(d)
 
 
 class TimedCallback(PreemptionCallback):
-    """``PreemptionCallback`` with a stopwatch around the hooks it runs on every step."""
+    """``PreemptionCallback`` with a stopwatch around the hooks it runs on every step (median per step)."""
 
-    hook_seconds = 0.0
-    hook_calls = 0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._start_hook = 0.0
+        self.per_step: list[float] = []
 
     def on_train_batch_start(self, *args: Any, **kwargs: Any) -> None:
         t = time.perf_counter()
         super().on_train_batch_start(*args, **kwargs)
-        self.hook_seconds += time.perf_counter() - t
+        self._start_hook = time.perf_counter() - t
 
     def on_train_batch_end(self, *args: Any, **kwargs: Any) -> None:
         t = time.perf_counter()
         super().on_train_batch_end(*args, **kwargs)
-        self.hook_seconds += time.perf_counter() - t
-        self.hook_calls += 1
+        self.per_step.append(self._start_hook + time.perf_counter() - t)
+
+    def hook_seconds(self, warmup: int) -> float:
+        return statistics.median(self.per_step[warmup:] or self.per_step)
 
 
 class SignalSelf(pl.Callback):
@@ -159,12 +173,18 @@ class SignalSelf(pl.Callback):
 
 
 class FirstStep(pl.Callback):
-    """Note the wall-clock time at which the first optimizer step of this process ends."""
+    """Note the wall-clock time at which the first optimizer step of this process ends, and when Lightning's
+    ``setup`` hook ran (after the process group exists, before a checkpoint is loaded)."""
 
     def __init__(self, then: Any = None) -> None:
         self.at: Optional[float] = None
         self.step: Optional[int] = None
+        self.setup_at: Optional[float] = None
         self.then = then
+
+    def setup(self, trainer: "pl.Trainer", pl_module: Any, stage: str) -> None:
+        if self.setup_at is None:
+            self.setup_at = time.time()
 
     def on_train_batch_end(self, trainer: "pl.Trainer", *args: Any) -> None:
         if self.at is None:
@@ -197,6 +217,7 @@ def overhead_reps(devices: int, rank: int, run_root: Path, reps: int, steps: int
     from common import interleaved_order
 
     per_step: dict[str, list[float]] = {a: [] for a in arms}
+    per_step_low: dict[str, list[float]] = {a: [] for a in arms}
     hook: dict[str, list[float]] = {}
     for rep in range(reps):
         for arm in interleaved_order(arms, rep):
@@ -207,16 +228,19 @@ def overhead_reps(devices: int, rank: int, run_root: Path, reps: int, steps: int
             if arm == "empty":
                 callbacks.insert(0, pl.Callback())
             if arm.startswith("callback"):
-                cb = TimedCallback(run_dir=run_root / f"{arm}-{rep}", requeue="none", exact_data=arm == "callback")
+                # save_on_finish off: the final checkpoint after the timed steps would only lengthen the run
+                cb = TimedCallback(run_dir=run_root / f"{arm}-{rep}", requeue="none", exact_data=arm == "callback",
+                                   save_on_finish=False)
                 callbacks.insert(0, cb)
             trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(devices, warmup + steps))
             if arm == "no_pl_broadcast":
                 trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None  # type: ignore[method-assign]
             trainer.fit(make_model(), datamodule=blobs(warmup + steps, devices))
             per_step[arm].append(timer.per_step())
+            per_step_low[arm].append(timer.per_step(0.1))
             if cb is not None:
-                hook.setdefault(arm, []).append(cb.hook_seconds / max(1, cb.hook_calls))
-    return {"per_step": per_step, "hook_seconds": hook}
+                hook.setdefault(arm, []).append(cb.hook_seconds(warmup))
+    return {"per_step": per_step, "per_step_low": per_step_low, "hook_seconds": hook}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -237,13 +261,14 @@ def job(spec: dict[str, Any]) -> None:
     result: dict[str, Any] = {"rank": rank}
 
     t = result["ready_at"] = time.time()  # imports done: from here on the work differs between fresh and resumed
-    cb = PreemptionCallback(run_dir=spec["run_dir"], requeue="local")
+    # No final checkpoint when a resumed run finishes: growth measures its resume, then per-step overhead.
+    cb = PreemptionCallback(run_dir=spec["run_dir"], requeue="local", save_on_finish=False)
     resume = cb.resume_path()
-    result["resume_path_seconds"] = time.time() - t
+    result["resume_path_seconds"] = time.time() - t  # validation of the newest checkpoint (size + sha256)
     result["resumed_from"] = resume
 
     def after_first(trainer: "pl.Trainer") -> None:
-        result["first_step_at"], result["first_step"] = first.at, first.step
+        result["first_step_at"], result["first_step"], result["setup_at"] = first.at, first.step, first.setup_at
         if spec.get("measure_load") and resume:
             t0 = time.perf_counter()
             torch.load(resume, map_location="cpu", weights_only=False)

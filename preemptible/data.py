@@ -115,7 +115,7 @@ class ResumableBatches:
         self.yielded = 0
         self.exhausted = False
         self.sampler_epoch: int | None = None
-        self.trained = 0  # set by the trainer integration just before a checkpoint is taken
+        self.trained = 0  # kept current by the trainer integration at every batch end
         self._ahead: deque[tuple[int, dict[str, Any]]] = deque(maxlen=_MAX_AHEAD)
         self._plan: dict[str, Any] | None = None
 
@@ -141,6 +141,7 @@ class ResumableBatches:
         self.epoch_rng = capture_rng()
         self.epoch_seed = _seed_from_state(self.epoch_rng["torch"])
         self.yielded, self.exhausted = 0, False
+        self.trained = 0
         self._ahead.clear()
         skip = plan["skip"] if plan else 0
         inject: dict[int, dict[str, Any]] = plan["inject"] if plan else {}
@@ -149,11 +150,16 @@ class ResumableBatches:
             if next(source, None) is None:
                 break
             self.yielded += 1
+        self.trained = self.yielded
         for batch in source:
             position = self.yielded
             if position in inject:
                 restore_rng(inject.pop(position))
-            if self.in_process:
+            if self.in_process and position > self.trained:
+                # Fetched while an earlier batch is still untrained (a fetcher that looks ahead): a
+                # checkpoint taken before this batch trains must give it back this exact RNG state.
+                # Lightning's fetcher for sized loaders does not look ahead, so this is rare and the
+                # usual per-batch cost is one comparison.
                 self._ahead.append((position, capture_rng()))
             else:
                 batch = _tagged(list(batch), batch_seed(self.epoch_seed, position))

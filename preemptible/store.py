@@ -16,14 +16,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import queue
 import re
 import shutil
 import socket
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator, Optional
 
 from preemptible.fsutil import atomic_write_json, fsync_dir, pid_alive, read_json, temp_name
 
@@ -81,18 +83,39 @@ class StoredCheckpoint:
 
 
 class _HashingFile:
-    """A write-only file wrapper that hashes the bytes as they go to disk (no second read)."""
+    """A write-only file wrapper that hashes the bytes as they go to disk, on a second thread.
+
+    sha256 runs at about 1 GB/s, a disk often faster: hashing inline would serialize the two. Bytes
+    are copied (8 MiB at a time, a bounded queue: at most ~64 MiB in flight) and hashed in order by a
+    helper thread while the writer's thread does the write syscalls; hashlib releases the GIL for
+    large buffers, so both proceed at once. The copy keeps the hash right even if the writer reuses
+    its buffer after ``write`` returns.
+    """
+
+    _PIECE = 8 << 20
 
     def __init__(self, f: IO[bytes]) -> None:
         self._f = f
         self._hash = hashlib.sha256()
+        self._pending = bytearray()
+        self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._hash_loop, name="preemptible-sha256", daemon=True)
+        self._thread.start()
         self.bytes = 0
         self.seeked = False
 
+    def _hash_loop(self) -> None:
+        while (piece := self._queue.get()) is not None:
+            self._hash.update(piece)
+
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self._hash.update(view)
         self.bytes += len(view)
+        for start in range(0, len(view), self._PIECE):
+            self._pending += view[start:start + self._PIECE]
+            if len(self._pending) >= self._PIECE:
+                self._queue.put(bytes(self._pending))
+                self._pending.clear()
         return self._f.write(view)
 
     def flush(self) -> None:
@@ -106,7 +129,17 @@ class _HashingFile:
         self.seeked = True
         return self._f.seek(*args)
 
+    def close_hash(self) -> None:
+        """Hash what is left and stop the thread (always called, also when the write failed)."""
+        if self._thread.is_alive():
+            if self._pending:
+                self._queue.put(bytes(self._pending))
+                self._pending.clear()
+            self._queue.put(None)
+            self._thread.join()
+
     def hexdigest(self) -> str:
+        self.close_hash()
         return self._hash.hexdigest()
 
 
@@ -182,9 +215,12 @@ class CheckpointStore:
         try:
             with open(pending.temp_path, "wb") as raw:
                 hashing = _HashingFile(raw)
-                writer(hashing)  # type: ignore[arg-type]
-                raw.flush()
-                os.fsync(raw.fileno())
+                try:
+                    writer(hashing)  # type: ignore[arg-type]
+                    raw.flush()
+                    os.fsync(raw.fileno())
+                finally:
+                    hashing.close_hash()
             pending.sha256 = None if hashing.seeked else hashing.hexdigest()
         except BaseException as exc:
             self.abort(pending)

@@ -15,15 +15,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, vote_at: dict, out) -> None:
+def _worker(rank: int, port: int, vote_at: dict, out, every: int = 1) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from preemptible.agreement import DistributedStopAgreement
 
-    agreement = DistributedStopAgreement()
+    agreement = DistributedStopAgreement(every=every)
     stopped_at = None
     for step in range(1, 50):
-        decided = agreement.step(10 if vote_at.get(rank) == step else 0)
+        # A rank's flag stays set once raised, like a recorded signal.
+        decided = agreement.step(10 if rank in vote_at and step >= vote_at[rank] else 0)
         if decided:
             stopped_at = (step, decided)
             break
@@ -32,11 +33,11 @@ def _worker(rank: int, port: int, vote_at: dict, out) -> None:
     dist.destroy_process_group()
 
 
-def _run(vote_at: dict) -> dict:
+def _run(vote_at: dict, every: int = 1) -> dict:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, vote_at, out)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, port, vote_at, out, every)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(out.get(timeout=120) for _ in procs)
@@ -54,3 +55,10 @@ def test_one_rank_votes_both_stop_on_the_same_step_with_one_step_latency() -> No
 def test_votes_at_different_steps_stop_on_the_first() -> None:
     results = _run({0: 9, 1: 3})
     assert results[0] == results[1] == (4, 10)
+
+
+def test_reducing_every_4_steps_still_stops_both_on_one_step() -> None:
+    # vote at step 5 (a boundary without reduction): carried by the rank's flag into step 8's reduction,
+    # read at step 12.
+    results = _run({1: 5}, every=4)
+    assert results == {0: (12, 10), 1: (12, 10)}

@@ -78,6 +78,9 @@ class PreemptionCallback(Callback):
         deadline: ``True`` reads the job's end time from SLURM (``squeue``) and checkpoints and requeues
             proactively when the time left would no longer fit an emergency save; a number is a fixed
             end time (unix seconds); ``False`` turns it off.
+        agree_every_n_steps: under DDP, reduce the ranks' stop votes only every N optimizer steps.
+            Each reduction costs about 0.1 ms (gloo, CPU); for steps of a few milliseconds raise N
+            (the stop then comes up to 2 N steps after the signal instead of 1-2).
 
     Example::
 
@@ -108,6 +111,7 @@ class PreemptionCallback(Callback):
         every_n_minutes: Optional[float] = None,
         async_save: bool = True,
         deadline: bool | float | None = True,
+        agree_every_n_steps: int = 1,
     ) -> None:
         super().__init__()
         if verify not in ("sha256", "size"):
@@ -132,6 +136,9 @@ class PreemptionCallback(Callback):
         self.every_n_steps = every_n_steps
         self.every_n_minutes = every_n_minutes
         self.async_save = async_save
+        if agree_every_n_steps < 1:
+            raise ValueError(f"agree_every_n_steps={agree_every_n_steps} must be >= 1")
+        self.agree_every_n_steps = agree_every_n_steps
         self.env = JobEnvironment.from_env()
         if deadline is True:
             self._deadline: JobDeadline | None = JobDeadline(self.env)
@@ -223,7 +230,7 @@ class PreemptionCallback(Callback):
             if not hooks.intercept_train_loader_setup(trainer, self._loaders.prepare, self._loaders.after_lightning_load):
                 warnings.warn("preemptible: this Lightning version offers no point to prepare train loaders; "
                               "mid-epoch resume will replay or skip batches", stacklevel=2)
-        self._agreement = make_agreement(trainer.world_size)
+        self._agreement = make_agreement(trainer.world_size, every=self.agree_every_n_steps)
         self._backend = select_backend(self.requeue, self.env)
         self._progress = ProgressFile(run.path / "progress.json")
         self._save_seconds = _last_save_seconds(run)
@@ -267,6 +274,7 @@ class PreemptionCallback(Callback):
             self._leave(trainer)
 
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._loaders.note_trained(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
         step = trainer.global_step
         if step == self._last_step:
             return  # inside a gradient-accumulation window: never stop here

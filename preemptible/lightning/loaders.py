@@ -92,6 +92,12 @@ class LoaderTracker:
                 stacklevel=3,
             )
 
+    def note_trained(self, batches_this_epoch: int) -> None:
+        """Called at every train batch end: lets the wrappers tell a fetch-ahead from an ordinary fetch."""
+        for wrapper in self.wrappers:
+            if wrapper is not None:
+                wrapper.trained = batches_this_epoch
+
     # -- saving -------------------------------------------------------------------------------------
     def state(self, trainer: Optional["pl.Trainer"]) -> list[Optional[dict[str, Any]]]:
         trained = _batches_trained_this_epoch(trainer) if trainer is not None else None
