@@ -11,7 +11,7 @@ Campaigns (``--only`` takes these names):
 * ``store-kill``: a child process commits 24 MiB checkpoints in a loop through ``CheckpointStore``
   and is SIGKILLed at a random moment (or when its temp file reaches a random size).
 * ``lightning-kill``: the example training with a 16 MiB checkpoint gets a preemption signal and is
-  SIGKILLed 0-400 ms later (or the moment its temp file / commit record appears).
+  SIGKILLed 0-250 ms later (or the moment its temp file / commit record appears).
 * ``periodic-kill``: SIGKILL without warning while background periodic checkpoints are written.
 * ``damage``: committed checkpoints are truncated, bit-flipped, emptied, overwritten with random
   bytes, or their commit record is damaged or removed.
@@ -1250,8 +1250,8 @@ def campaign(args: argparse.Namespace) -> list[Tally]:
         if "lightning-kill" in lightning:
             k = counts["lightning-kill"]
             say(f"lightning-kill: {k} trials ...")
-            t = Tally("SIGKILL 0-400 ms after the preemption signal (Lightning emergency save, 16 MiB checkpoint)")
-            faults = ([fault_plain_preemption()] + [fault_kill_after_signal(0.4) for _ in range(max(0, k - 2))]
+            t = Tally("SIGKILL 0-250 ms after the preemption signal (Lightning emergency save, 16 MiB checkpoint)")
+            faults = ([fault_plain_preemption()] + [fault_kill_after_signal(0.25) for _ in range(max(0, k - 2))]
                       + [fault_kill_when("temp"), fault_kill_when("record")])
             lightning_chain(t, _mk(root / "lightning-kill"), faults, max_steps=max_steps, ballast_mb=16, expect_exit=-9,
                             reference=ref, scene=1)

@@ -91,11 +91,6 @@ class SignalRecorder:
             self._first_at = time.time()
         self._count += 1
 
-    @property
-    def handler(self) -> Callable[[int, Any], None]:
-        """The recording handler itself (to hand to code that restores handlers later)."""
-        return self._handle
-
     # -- reading --------------------------------------------------------------------------------
     @property
     def note(self) -> SignalNote | None:
@@ -132,6 +127,13 @@ class SignalRecorder:
             if signum not in self._previous:
                 self._previous[signum] = current
             signal.signal(signum, self._handle)
+
+    def ignore_from_now_on(self) -> None:
+        """Set the signals to SIG_IGN: for a process that has saved and is exiting (see the callback)."""
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                signal.signal(signum, signal.SIG_IGN)
+            self._previous.clear()
 
     def previous_handler(self, signum: int) -> Handler:
         return self._previous.get(signal.Signals(signum))

@@ -103,6 +103,7 @@ class _HashingFile:
         self._thread.start()
         self.bytes = 0
         self.seeked = False
+        self.error: Optional[OSError] = None
 
     def _hash_loop(self) -> None:
         while (piece := self._queue.get()) is not None:
@@ -116,7 +117,12 @@ class _HashingFile:
             if len(self._pending) >= self._PIECE:
                 self._queue.put(bytes(self._pending))
                 self._pending.clear()
-        return self._f.write(view)
+        try:
+            return self._f.write(view)
+        except OSError as exc:
+            # torch.save reports a failed write as a RuntimeError about zip positions; keep the real cause.
+            self.error = exc
+            raise
 
     def flush(self) -> None:
         self._f.flush()
@@ -212,6 +218,7 @@ class CheckpointStore:
 
     def write(self, pending: PendingCheckpoint, writer: Callable[[IO[bytes]], None]) -> None:
         """Stream the checkpoint through ``writer(file)`` into the temp file, hashing on the way, fsync once."""
+        hashing: Optional[_HashingFile] = None
         try:
             with open(pending.temp_path, "wb") as raw:
                 hashing = _HashingFile(raw)
@@ -224,9 +231,12 @@ class CheckpointStore:
             pending.sha256 = None if hashing.seeked else hashing.hexdigest()
         except BaseException as exc:
             self.abort(pending)
-            if isinstance(exc, OSError):
+            # A serializer may turn the disk's error into its own (torch.save: a RuntimeError about zip
+            # positions); the OSError seen by the file is the cause the user needs to read.
+            cause = exc if isinstance(exc, OSError) else (hashing.error if hashing is not None else None)
+            if cause is not None:
                 raise CheckpointError(
-                    f"writing checkpoint {pending.final_path.name} failed: {exc}. The previous checkpoints are "
+                    f"writing checkpoint {pending.final_path.name} failed: {cause}. The previous checkpoints are "
                     f"untouched; free space or fix permissions in {self.directory} and run again."
                 ) from exc
             raise
@@ -261,6 +271,10 @@ class CheckpointStore:
             atomic_write_json(pending.final_path.with_name(pending.final_path.name + COMMIT_SUFFIX), asdict(record))
         except OSError as exc:
             self.abort(pending)
+            record_path = pending.final_path.with_name(pending.final_path.name + COMMIT_SUFFIX)
+            if not record_path.exists():
+                # Renamed but never committed: it does not exist as a checkpoint, so removing it loses nothing.
+                pending.final_path.unlink(missing_ok=True)
             raise CheckpointError(
                 f"committing checkpoint {pending.final_path.name} failed: {exc}. Earlier checkpoints are intact."
             ) from exc

@@ -148,11 +148,20 @@ def test_progress_bar_keeps_working_under_the_callback(tmp_path: Path, capsys: p
     from preemptible.examples import BlobsData, TinyModel
     from preemptible.tracing import SignalAtStep
 
+    import signal
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2)}
     cb = PreemptionCallback(run_dir=tmp_path / "run")
     trainer = pl.Trainer(max_steps=8, callbacks=[cb, SignalAtStep(["3"])], logger=False, enable_checkpointing=False,
                          enable_progress_bar=True, enable_model_summary=False, limit_val_batches=0)
-    with pytest.raises(Preempted) as stopped:
-        trainer.fit(TinyModel(), datamodule=BlobsData(samples=64), ckpt_path=cb.resume_path())
+    try:
+        with pytest.raises(Preempted) as stopped:
+            trainer.fit(TinyModel(), datamodule=BlobsData(samples=64), ckpt_path=cb.resume_path())
+        # a preempted process ignores further preemption signals on its way out
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        for signum, handler in before.items():  # this test shares its process with the others
+            signal.signal(signum, handler)
     # noticed at step 4, the last batch of the 4-batch epoch: the stop moves to the next boundary
     assert stopped.value.step == 5 and stopped.value.code == 144
     shown = capsys.readouterr()

@@ -337,10 +337,13 @@ class PreemptionCallback(Callback):
         if self._lock is not None:
             self._lock.release()
         if isinstance(exception, (Preempted, RequeueLimitReached, RequeueError)):
-            # The process is about to exit, and SLURM follows a requeue with SIGTERM to every task: keep
-            # the recording handlers (through Lightning's teardown too) so that SIGTERM cannot turn a
-            # clean exit with the requeue code into a death by signal.
-            hooks.keep_handlers_through_teardown(trainer, {s: self.signals.handler for s in self.signals.signals})
+            # The process is on its way out, and SLURM follows a requeue with SIGTERM to every task:
+            # ignore the preemption signals from here on (through Lightning's teardown and Python's own
+            # shutdown, which resets Python-level handlers but not SIG_IGN), so that a late signal
+            # cannot turn a clean exit with the requeue code into a death by signal.
+            ignored = {s: signal.SIG_IGN for s in self.signals.signals}
+            self.signals.ignore_from_now_on()
+            hooks.keep_handlers_through_teardown(trainer, ignored)
             return
         self.signals.restore()
 
