@@ -1272,6 +1272,7 @@ def campaign(args: argparse.Namespace) -> list[Tally]:
             lightning_chain(t, _mk(root / "lightning-rlimit"), faults, max_steps=max_steps, ballast_mb=4, expect_exit=1,
                             reference=ref, scene=1, preexec=fsize_limit(MiB),
                             error_text=("CheckpointError", "File too large", "step-0"))
+            t.moments = collections.Counter({"EFBIG in the emergency save": t.trials})
             tallies.append(t)
             t = lightning_tmpfs_disk_full(_mk(root / "lightning-tmpfs"), k, max_steps, ref)
             if t is not None:

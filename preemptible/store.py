@@ -86,19 +86,19 @@ class _HashingFile:
     """A write-only file wrapper that hashes the bytes as they go to disk, on a second thread.
 
     sha256 runs at about 1 GB/s, a disk often faster: hashing inline would serialize the two. Bytes
-    are copied (8 MiB at a time, a bounded queue: at most ~64 MiB in flight) and hashed in order by a
+    are copied (4 MiB at a time, a queue of two: at most ~12 MiB in flight) and hashed in order by a
     helper thread while the writer's thread does the write syscalls; hashlib releases the GIL for
     large buffers, so both proceed at once. The copy keeps the hash right even if the writer reuses
     its buffer after ``write`` returns.
     """
 
-    _PIECE = 8 << 20
+    _PIECE = 4 << 20
 
     def __init__(self, f: IO[bytes]) -> None:
         self._f = f
         self._hash = hashlib.sha256()
         self._pending = bytearray()
-        self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=8)
+        self._queue: "queue.Queue[Optional[bytes]]" = queue.Queue(maxsize=2)
         self._thread = threading.Thread(target=self._hash_loop, name="preemptible-sha256", daemon=True)
         self._thread.start()
         self.bytes = 0
