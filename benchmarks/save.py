@@ -107,7 +107,7 @@ def run(ctx: Context) -> Section:
                   f"{median(rss) / median(sizes) * 100:.1f} %" if rss else "")
     table.note = (f"In the same run, `hashlib.sha256` over {mbytes(nbytes)} in memory took {secs(median(hash_s))} "
                   f"({rate(nbytes, median(hash_s)):.0f} MB/s): the emergency save computes the checksum while it writes, "
-                  "in the same thread.")
+                  "on a second thread, overlapped with the write.")
     section.tables.append(table)
 
     em_vs_raw = median(paired_ratios(raw, col("emergency")))
