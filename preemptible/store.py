@@ -388,6 +388,33 @@ class CheckpointStore:
         return removed
 
 
+    def quarantine_orphans(self, older_than: float = 60.0) -> list[Path]:
+        """Report and move aside data files without a commit record (a writer killed between rename and record).
+
+        They were never committed, so they are not checkpoints; moving them keeps a full disk from
+        staying full and leaves them for an operator to look at. Files younger than ``older_than``
+        seconds are left alone: a live writer may be about to commit one.
+        """
+        if not self.directory.is_dir():
+            return []
+        moved = []
+        now = time.time()
+        for path in self.directory.glob("step-*.ckpt"):
+            record = path.with_name(path.name + COMMIT_SUFFIX)
+            try:
+                young = now - path.stat().st_mtime < older_than
+            except FileNotFoundError:
+                continue
+            if record.exists() or young:
+                continue
+            warnings.warn(f"preemptible: {path} has no commit record (its writer was killed before committing it); "
+                          "it was never a checkpoint and is moved to quarantine/", stacklevel=2)
+            target = self.quarantine(StoredCheckpoint(path, CommitRecord(file=path.name, step=-1, bytes=-1, sha256="")))
+            if target is not None:
+                moved.append(target)
+        return moved
+
+
 def _step_from_name(name: str) -> int:
     m = _NAME.match(name)
     return int(m.group(1)) if m else -1

@@ -123,3 +123,17 @@ def test_stale_temp_of_dead_writer_is_cleaned(tmp_path: Path) -> None:
     live.write_bytes(b"y")
     assert store.clean_stale_temps() == [dead]
     assert live.exists()
+
+
+def test_data_file_without_record_is_reported_and_moved_aside(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    good = _save(store, 1)
+    orphan = tmp_path / "step-000000002.ckpt"
+    orphan.write_bytes(b"renamed, then the writer was killed before the commit record")
+    old = os.path.getmtime(orphan) - 3600
+    os.utime(orphan, (old, old))
+    young = tmp_path / "step-000000003.ckpt"
+    young.write_bytes(b"a live writer may commit this any moment")
+    with pytest.warns(UserWarning, match="has no commit record"):
+        moved = store.quarantine_orphans()
+    assert len(moved) == 1 and not orphan.exists() and young.exists() and good.path.exists()

@@ -198,6 +198,7 @@ class PreemptionCallback(Callback):
         is_rank_zero = self.env.global_rank == 0 and os.environ.get("LOCAL_RANK", "0") == "0"
         if is_rank_zero:
             run.store.clean_stale_temps()
+            run.store.quarantine_orphans()
         found = run.store.latest_valid(checksum=self.verify == "sha256", quarantine=is_rank_zero)
         self._resumed_from = found.path if found else None
         return str(found.path) if found else None
@@ -225,7 +226,7 @@ class PreemptionCallback(Callback):
                           "could be installed; preemption signals will not be noticed", stacklevel=2)
         if hooks.disable_lightning_auto_requeue(trainer):
             log.info("preemptible: Lightning's SLURM auto-requeue disabled; preemptible handles the signal")
-        hooks.after_lightning_installs_handlers(trainer, self.signals.install, self._previous_handlers)
+        hooks.after_lightning_installs_handlers(trainer, self.signals.install)
         if self.exact_data:
             if not hooks.intercept_train_loader_setup(trainer, self._loaders.prepare, self._loaders.after_lightning_load):
                 warnings.warn("preemptible: this Lightning version offers no point to prepare train loaders; "
@@ -243,7 +244,7 @@ class PreemptionCallback(Callback):
                               attempts=int(run.read_record().get("attempts", 0)) + 1)
 
     def _previous_handlers(self) -> dict[int, Any]:
-        return {s: self.signals.previous_handler(s) for s in self.signals.signals}
+        return {s: self.signals.previous_handler(s) or signal.SIG_DFL for s in self.signals.signals}
 
     def on_sanity_check_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.signals.install()
@@ -345,6 +346,8 @@ class PreemptionCallback(Callback):
             self.signals.ignore_from_now_on()
             hooks.keep_handlers_through_teardown(trainer, ignored)
             return
+        # Any other error: Lightning's teardown, which comes next, must put back the handlers from before us.
+        hooks.keep_handlers_through_teardown(trainer, self._previous_handlers())
         self.signals.restore()
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:

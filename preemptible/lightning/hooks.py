@@ -27,12 +27,11 @@ def disable_lightning_auto_requeue(trainer: "pl.Trainer") -> bool:
     return False
 
 
-def after_lightning_installs_handlers(trainer: "pl.Trainer", reinstall: Callable[[], None], originals: Callable[[], dict[int, Any]]) -> bool:
+def after_lightning_installs_handlers(trainer: "pl.Trainer", reinstall: Callable[[], None]) -> bool:
     """Run ``reinstall`` right after Lightning registers its own SIGTERM handler.
 
     Lightning replaces the SIGTERM handler when the fit stage starts with one that broadcasts a
-    tensor from inside the handler and kills child processes. We put ours back at once and tell
-    Lightning's connector to restore, at its teardown, the handlers that were there before *us*.
+    tensor from inside the handler and kills child processes. We put ours back at once.
     """
     connector = getattr(trainer, "_signal_connector", None)
     register = getattr(connector, "register_signal_handlers", None)
@@ -40,11 +39,10 @@ def after_lightning_installs_handlers(trainer: "pl.Trainer", reinstall: Callable
         return False
 
     def register_then_reinstall() -> None:
+        # Lightning snapshots the handlers in place (ours) and puts that snapshot back at its teardown,
+        # so ours keep recording until the callback's own teardown restores the ones from before it.
         register()
         reinstall()
-        saved = getattr(connector, "_original_handlers", None)
-        if isinstance(saved, dict):
-            saved.update(originals())
 
     register_then_reinstall._preemptible = True  # type: ignore[attr-defined]
     connector.register_signal_handlers = register_then_reinstall
