@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import Callback
 
 from preemptible.agreement import StopAgreement, make_agreement
