@@ -63,6 +63,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from preemptible.store import COMMIT_SUFFIX, CheckpointError, CheckpointStore, CommitRecord, sha256_of  # noqa: E402
+from preemptible.train_example import options_to_argv  # noqa: E402
 
 MiB = 1 << 20
 CKPT_NAME = re.compile(r"^step-(\d{9})(?:\.(\d+))?\.ckpt$")
@@ -315,13 +316,7 @@ def train_command(record: Optional[Path], *, max_steps: int, step_sleep: float =
         cmd += ["--ballast-mb", str(ballast_mb)]
     for s in self_signal:
         cmd += ["--self-signal", s]
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            cmd.append(flag)
-        elif value not in (None, False):
-            cmd += [flag, str(value)]
-    return cmd
+    return cmd + options_to_argv(**options)
 
 
 # =====================================================================================================

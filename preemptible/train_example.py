@@ -129,17 +129,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def train_from_options(**options: Any) -> dict[str, Any]:
-    """The same training from keyword options (``max_steps=40, devices=2, ...``), for submitit and notebooks."""
+def options_to_argv(**options: Any) -> list[str]:
+    """``max_steps=40, onecycle=True, signal_at=["3", "9"]`` → ``["--max-steps", "40", "--onecycle", ...]``.
+
+    ``True`` gives a bare flag, ``None``/``False`` nothing (but ``0`` is a value), a list or tuple one
+    flag per item.
+    """
     argv: list[str] = []
     for key, value in options.items():
         flag = "--" + key.replace("_", "-")
         for v in value if isinstance(value, (list, tuple)) else [value]:
             if v is True:
                 argv.append(flag)
-            elif v not in (None, False):
+            elif v is not None and v is not False:
                 argv += [flag, str(v)]
-    return train(build_parser().parse_args(argv))
+    return argv
+
+
+def train_from_options(**options: Any) -> dict[str, Any]:
+    """The same training from keyword options (``max_steps=40, devices=2, ...``), for submitit and notebooks."""
+    return train(build_parser().parse_args(options_to_argv(**options)))
 
 
 if __name__ == "__main__":

@@ -7,19 +7,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from preemptible.train_example import options_to_argv
+
 PYTHON = sys.executable
 
 
 def example_command(record: Path, max_steps: int = 24, devices: int = 1, **options: Any) -> list[str]:
-    cmd = [PYTHON, "-m", "preemptible.train_example", "--max-steps", str(max_steps), "--devices", str(devices),
-           "--record", str(record)]
-    for key, value in options.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            cmd.append(flag)
-        elif value not in (None, False):
-            cmd += [flag, str(value)]
-    return cmd
+    return [PYTHON, "-m", "preemptible.train_example", "--max-steps", str(max_steps), "--devices", str(devices),
+            "--record", str(record), *options_to_argv(**options)]
 
 
 def load_record(path: Path) -> tuple[dict[tuple[Any, ...], str], list[tuple[Any, ...]], dict[int, str]]:
