@@ -1022,15 +1022,24 @@ def classify_kill(ctl: Control, records_before: set[str]) -> str:
     return "killed before the write began"
 
 
+def _preempt_after_steps(ctl: Control, lead: int) -> Optional[set[str]]:
+    """Wait until training is ``lead`` steps past its start, send SIGUSR1; return the commit records
+    seen just before (``None`` when training never got there)."""
+    start = ctl.wait_train_start()
+    if start is None or not ctl.wait_step(start + lead):
+        return None
+    before = ctl.records()
+    ctl.signal(signal.SIGUSR1)
+    return before
+
+
 def fault_kill_after_signal(max_delay: float, lead: int = 3) -> FaultScript:
     """USR1 a few steps after the start, SIGKILL a random 0..max_delay seconds later."""
 
     def script(ctl: Control, rng: random.Random) -> None:
-        start = ctl.wait_train_start()
-        if start is None or not ctl.wait_step(start + lead):
+        before = _preempt_after_steps(ctl, lead)
+        if before is None:
             return
-        before = ctl.records()
-        ctl.signal(signal.SIGUSR1)
         time.sleep(rng.uniform(0, max_delay))
         ctl.signal(signal.SIGKILL)
         ctl.proc.wait(timeout=30)
@@ -1064,11 +1073,9 @@ def fault_kill_when(what: str, lead: int = 3) -> FaultScript:
     """USR1, then SIGKILL as soon as the checkpoint's temp file (``"temp"``) or its commit record (``"record"``) appears."""
 
     def script(ctl: Control, rng: random.Random) -> None:
-        start = ctl.wait_train_start()
-        if start is None or not ctl.wait_step(start + lead):
+        before = _preempt_after_steps(ctl, lead)
+        if before is None:
             return
-        before = ctl.records()
-        ctl.signal(signal.SIGUSR1)
         seen = ctl.wait_for(ctl.temp_files if what == "temp" else (lambda: ctl.records() - before), interval=0.0005)
         ctl.signal(signal.SIGKILL)
         ctl.proc.wait(timeout=30)

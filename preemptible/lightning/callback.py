@@ -31,6 +31,7 @@ from preemptible.requeue import RequeueBackend, RequeueError, select_backend
 from preemptible.rng import capture_rng
 from preemptible.rundir import ProgressFile, RunDirectory, RunDirError, resolve_run_dir
 from preemptible.signals import DEFAULT_SIGNALS, SignalRecorder
+from preemptible.store import StoredCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -320,11 +321,7 @@ class PreemptionCallback(Callback):
                 self._rundir().journal.append("stop_cancelled", step=trainer.global_step, reason="training finished")
         elif self.save_on_finish and trainer.global_step != self._start_step:
             self._background.wait()
-            save_checkpoint(
-                trainer, self._rundir(), self._agreement, step=trainer.global_step, reason="finished",
-                rank_state=self._rank_state(trainer), set_gathered=self._set_gathered,
-                protect={self._resumed_from} if self._resumed_from else set(), signal_at=None,
-            )
+            self._save(trainer, reason="finished")
         self._stop = None
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -426,11 +423,15 @@ class PreemptionCallback(Callback):
             if trainer.is_global_zero:
                 log.warning("preemptible: the previous periodic checkpoint is still being written; skipping this one")
             return
-        save_checkpoint(
-            trainer, self._rundir(), self._agreement, step=trainer.global_step, reason="periodic",
+        self._save(trainer, reason="periodic", background=self._background if self.async_save else None)
+
+    def _save(self, trainer: "pl.Trainer", reason: str, signal_at: float | None = None,
+              background: BackgroundWriter | None = None) -> StoredCheckpoint | None:
+        """Every rank, same step: one checkpoint through the store (never pruning the one resumed from)."""
+        return save_checkpoint(
+            trainer, self._rundir(), self._agreement, step=trainer.global_step, reason=reason,
             rank_state=self._rank_state(trainer), set_gathered=self._set_gathered,
-            protect={self._resumed_from} if self._resumed_from else set(),
-            background=self._background if self.async_save else None,
+            protect={self._resumed_from}, signal_at=signal_at, background=background,
         )
 
     def _checkpoint(self, trainer: "pl.Trainer", decided: int) -> None:
@@ -446,11 +447,7 @@ class PreemptionCallback(Callback):
         path = self._resumed_from
         if not self._nothing_new_since_resume(trainer):
             note = self.signals.note
-            stored = save_checkpoint(
-                trainer, run, self._agreement, step=step, reason=reason,
-                rank_state=self._rank_state(trainer), set_gathered=self._set_gathered,
-                protect={self._resumed_from} if self._resumed_from else set(), signal_at=note.first_at if note else None,
-            )
+            stored = self._save(trainer, reason=reason, signal_at=note.first_at if note else None)
             path = stored.path if stored else None
             if stored is not None and stored.record.save_seconds:
                 self._save_seconds = stored.record.save_seconds
