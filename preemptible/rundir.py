@@ -47,10 +47,11 @@ class RunDirectory:
         journal: the :class:`~preemptible.journal.Journal` in ``events.jsonl``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], keep: int = 2, env: JobEnvironment | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], keep: int = 2, env: JobEnvironment | None = None,
+                 checksum: str = "crc32") -> None:
         self.path = Path(path)
         self.env = env or JobEnvironment.from_env()
-        self.store = CheckpointStore(self.path / "checkpoints", keep=keep)
+        self.store = CheckpointStore(self.path / "checkpoints", keep=keep, checksum=checksum)
         self.journal = Journal(self.path / "events.jsonl", env=self.env)
 
     @property

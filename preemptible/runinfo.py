@@ -61,7 +61,7 @@ class RunInfoError(RuntimeError):
 
 @dataclass
 class CheckpointInfo:
-    """A committed checkpoint. ``valid`` is the size check, plus sha256 when asked (``checksum``)."""
+    """A committed checkpoint. ``valid`` is the size check, plus the checksum when asked (``checksum``)."""
 
     path: str
     step: int
@@ -194,7 +194,7 @@ def summarize(
     """Summarise ``run_dir`` (see the module docstring for definitions).
 
     Args:
-        checksum: also verify each checkpoint's sha256 (reads every byte); default: size only.
+        checksum: also verify each checkpoint's checksum (reads every byte); default: size only.
         now: the current time (tests pass a fixed one).
         stale_after: seconds without a journal or progress update after which an attempt on another
             host (whose process cannot be checked from here) is reported as ``unknown``, not ``running``.

@@ -237,7 +237,7 @@ def _fake_checkpoint(run_dir: Path, step: int, payload: bytes = b"x" * 100) -> P
     store = CheckpointStore(run_dir / "checkpoints")
     pending = store.begin(step)
     store.write(pending, lambda f: f.write(payload))
-    return store.commit(pending, CommitRecord(file="", step=step, bytes=0, sha256="", reason="SIGUSR1")).path
+    return store.commit(pending, CommitRecord(file="", step=step, bytes=0, checksum="", reason="SIGUSR1")).path
 
 
 def test_an_unfinished_last_attempt_is_running_crashed_or_unknown(tmp_path: Path) -> None:
@@ -262,11 +262,11 @@ def test_an_unfinished_last_attempt_is_running_crashed_or_unknown(tmp_path: Path
     assert info.attempts[-1].outcome == "crashed" and info.steps_lost == 5, "steps beyond the checkpoint at 4 are lost"
     assert "a restart resumes from step 4" in info.state_detail
 
-    # checkpoint validity: size check by default, sha256 on request; nothing is moved
+    # checkpoint validity: size check by default, the checksum on request; nothing is moved
     ckpt.write_bytes(b"y" * 100)
     assert summarize(run_dir).checkpoints[0].valid
     bad = summarize(run_dir, checksum=True).checkpoints[0]
-    assert not bad.valid and "sha256" in (bad.problem or "")
+    assert not bad.valid and "crc32 checksum" in (bad.problem or "")
     ckpt.write_bytes(b"y" * 10)
     info = summarize(run_dir)
     assert not info.checkpoints[0].valid and info.last_committed_step is None

@@ -13,7 +13,7 @@ from preemptible.runinfo import DEFAULT_STALE_AFTER, RunInfo, format_duration, s
 EXAMPLES = f"""
 examples:
   preemptible status runs/exp1                  # state, last committed step, checkpoints, attempts
-  preemptible status runs/exp1 --verify         # also check every checkpoint's sha256 (reads them all)
+  preemptible status runs/exp1 --verify         # also check every checkpoint's checksum (reads them all)
   preemptible status runs/exp1 --json | jq .state
 
   # every run under runs/ that is not finished
@@ -33,7 +33,7 @@ def register(sub: Any) -> None:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (PreemptionCallback's run_dir)")
     p.add_argument("--json", action="store_true", help="print a JSON document instead of tables (for scripts)")
-    p.add_argument("--verify", action="store_true", help="verify checkpoints' sha256, not only their size")
+    p.add_argument("--verify", action="store_true", help="verify checkpoints' checksums, not only their sizes")
     p.add_argument("--stale-after", type=float, default=DEFAULT_STALE_AFTER, metavar="SECONDS",
                    help=f"a job on another host that wrote nothing for this long is 'unknown' (default {DEFAULT_STALE_AFTER:.0f})")
     p.set_defaults(func=status_command)
@@ -89,7 +89,7 @@ def summary_table(info: RunInfo) -> Any:
 def checkpoints_table(info: RunInfo) -> Any:
     from rich.table import Table
 
-    check = "sha256" if any(c.checksum for c in info.checkpoints) else "size; --verify for sha256"
+    check = "checksum" if any(c.checksum for c in info.checkpoints) else "size; --verify for the checksum"
     table = Table(title=f"checkpoints ({check})", title_justify="left")
     for col, justify in (("step", "right"), ("size", "right"), ("age", "right"), ("reason", "left"), ("valid", "left"), ("file", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
