@@ -62,7 +62,7 @@ PY = sys.executable
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from preemptible.store import COMMIT_SUFFIX, CheckpointError, CheckpointStore, CommitRecord, sha256_of  # noqa: E402
+from preemptible.store import COMMIT_SUFFIX, CheckpointError, CheckpointStore, CommitRecord, file_checksum  # noqa: E402
 from preemptible.train_example import options_to_argv  # noqa: E402
 
 MiB = 1 << 20
@@ -154,6 +154,19 @@ def payload_chunks(step: int, size: int) -> Iterator[bytes]:
         i += 1
 
 
+def sha256_of(path: Path) -> str:
+    """The content's identity (independent of the store's own checksum, which is under test)."""
+    return file_checksum(path, "sha256").partition(":")[2]
+
+
+def recorded_checksum_holds(path: Path, recorded: str) -> bool:
+    algorithm = recorded.partition(":")[0]
+    try:
+        return file_checksum(path, algorithm) == recorded
+    except ValueError:  # an unknown algorithm: the record does not describe this file
+        return False
+
+
 def expected_sha(step: int, size: int) -> str:
     key = (step, size)
     if key not in _SHA_CACHE:
@@ -167,7 +180,7 @@ def expected_sha(step: int, size: int) -> str:
 def commit_payload(store: CheckpointStore, step: int, size: int) -> Any:
     pending = store.begin(step)
     store.write(pending, lambda f: [f.write(c) for c in payload_chunks(step, size)])
-    return store.commit(pending, CommitRecord(file="", step=step, bytes=0, sha256="", reason="fault-campaign"))
+    return store.commit(pending, CommitRecord(file="", step=step, bytes=0, checksum="", reason="fault-campaign"))
 
 
 # =====================================================================================================
@@ -470,7 +483,7 @@ class Inventory:
 
 
 def inventory(ckpt_dir: Path, loadable: bool = False) -> Inventory:
-    """Recompute everything from the bytes on disk (size and sha256 against the record, optionally torch.load)."""
+    """Recompute everything from the bytes on disk (size and checksum against the record, optionally torch.load)."""
     names = os.listdir(ckpt_dir) if ckpt_dir.is_dir() else []
     records: dict[str, Any] = {}
     for n in names:
@@ -483,7 +496,7 @@ def inventory(ckpt_dir: Path, loadable: bool = False) -> Inventory:
     for name, rec in records.items():
         path = ckpt_dir / name
         ok = (isinstance(rec, dict) and path.is_file() and path.stat().st_size == rec.get("bytes")
-              and sha256_of(path) == rec.get("sha256"))
+              and isinstance(rec.get("checksum"), str) and recorded_checksum_holds(path, rec["checksum"]))
         if ok and loadable:
             import torch
 
@@ -625,7 +638,7 @@ def _kill_when_temp_reaches(directory: Path, target: int, proc: subprocess.Popen
 # =====================================================================================================
 DATA_DAMAGE = ["truncated at a random offset", "random bit flips", "zero-length", "random bytes, same size",
                "random bytes, other size", "garbage appended", "data file missing"]
-RECORD_DAMAGE = ["record truncated", "record random bytes", "record zero-length", "record sha256 altered",
+RECORD_DAMAGE = ["record truncated", "record random bytes", "record zero-length", "record checksum altered",
                  "record size altered", "record is JSON null", "record missing"]
 
 
@@ -659,9 +672,10 @@ def damage(path: Path, record: Path, kind: str, rng: random.Random) -> None:
             record.write_bytes(rng.randbytes(rng.randrange(1, 600)))
         elif kind == "record zero-length":
             record.write_bytes(b"")
-        elif kind == "record sha256 altered":
-            i = rng.randrange(len(rec["sha256"]))
-            rec["sha256"] = rec["sha256"][:i] + ("0" if rec["sha256"][i] != "0" else "1") + rec["sha256"][i + 1:]
+        elif kind == "record checksum altered":
+            kind_, digest = rec["checksum"].split(":")
+            i = rng.randrange(len(digest))
+            rec["checksum"] = f"{kind_}:{digest[:i]}{'0' if digest[i] != '0' else '1'}{digest[i + 1:]}"
             record.write_text(json.dumps(rec))
         elif kind == "record size altered":
             rec["bytes"] += rng.choice([-1, 1]) * rng.randint(1, 1000)

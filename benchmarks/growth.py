@@ -29,7 +29,7 @@ def run(ctx: Context) -> Section:
         "training step itself does not grow). Per point: one fresh run that signals itself on every rank and writes the "
         "emergency checkpoint, then one run that resumes from it, finishes, and measures the per-step overhead "
         f"(plain vs callback, {p['overhead']['reps']} interleaved repetitions of {p['overhead']['steps']} steps, same "
-        "module). *Resume extra* = the resumed run's validation of the checkpoint (size + sha256, before `fit`) plus its "
+        "module). *Resume extra* = the resumed run's validation of the checkpoint (size + crc32, before `fit`) plus its "
         "(Lightning `setup` hook → first step) minus the fresh run's: one sample each, so small values are within noise. Under DDP every rank holds the state; rank 0 writes the file."))
     table = Table("Save, resume and per-step overhead by state size", [
         "world size", "checkpoint", "signal → committed", "save throughput", "resume extra", "per step: plain",
@@ -94,7 +94,7 @@ def run(ctx: Context) -> Section:
             f"World size 2 vs 1 at {mbytes(two['bytes'])}: save {secs(two['save'])} vs {secs(one['save'])} (rank 0 writes "
             "the one file; the other rank adds a gather of its RNG and loader states, kilobytes, while sharing this "
             f"machine's two cores), resume extra {secs(two['resume_extra'])} vs {secs(one['resume_extra'])}: every rank "
-            "validates (sha256) and loads the whole file, here two ranks on the same disk and cores.")
+            "validates (crc32) and loads the whole file, here two ranks on the same disk and cores.")
     section.data["line"] = ("Growth: save and resume time linear in the state size (" +
                             ", ".join(f"ws={ws}: {1 / f['save_s_per_mb']:.0f} MB/s save" for ws, f in section.data["fits"].items()
                                       if f["save_s_per_mb"] == f["save_s_per_mb"] and f["save_s_per_mb"] > 0) +

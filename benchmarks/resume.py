@@ -4,7 +4,7 @@ A preempted run leaves a committed checkpoint. Then, interleaved: *resumed* proc
 and *fresh* processes start in an empty run directory; both leave right after their first step.
 "Process start" is the parent's clock just before it spawns the process; "first step" is the end of
 the first optimizer step in the child (same machine, same clock). The resumed process also reports
-how long ``resume_path()`` (size + sha256 validation) took and, after its first step, how long a
+how long ``resume_path()`` (size + crc32 validation) took and, after its first step, how long a
 plain ``torch.load`` of the same file takes, so that the difference can be accounted for.
 """
 
@@ -29,7 +29,7 @@ def run(ctx: Context) -> Section:
         "run leaves a committed checkpoint; then *resumed* and *fresh* processes alternate "
         f"({p['reps']} each, order interleaved), each leaving right after its first optimizer step. Time = from the "
         "parent's clock just before spawning the process to the end of the first step in the child. Both include "
-        "Python and Lightning start-up and building the model; the resumed one also validates (size + sha256) and "
+        "Python and Lightning start-up and building the model; the resumed one also validates (size + crc32 checksum) and "
         "loads the checkpoint. The resumed process reports its `resume_path()` (validation) time and, after the first "
         "step, the time of a plain `torch.load` of the same file."))
     run_dir = ctx.scratch("resume-run")
@@ -78,16 +78,16 @@ def run(ctx: Context) -> Section:
     rr = paired_ratios(ready_f, ready_r)
     table.add("imports done → first step", secs(median(ready_f)), secs(median(ready_r)),
               f"{ratio(median(rr))} [{ratio(spread(rr)[0])}, {ratio(spread(rr)[1])}]", secs(extra))
-    parts = Table("Where the difference goes", ["difference (after imports)", "validation (size + sha256)",
+    parts = Table("Where the difference goes", ["difference (after imports)", "validation (size + crc32)",
                                                "torch.load of the file", "rest"])
     parts.add(secs(extra), secs(validate), secs(load), secs(resid))
     section.tables += [table, parts]
     section.findings += [
         f"Resuming from {mbytes(nbytes)} takes {secs(extra)} more than a fresh start once the imports are done "
         f"(process start → first step: {ratio(median(r))} a fresh start, where seconds of imports dominate); validation "
-        f"(sha256 of the file) is {secs(validate)} and `torch.load` {secs(load)}, leaving {secs(resid)} for everything else "
+        f"(crc32 of the file) is {secs(validate)} and `torch.load` {secs(load)}, leaving {secs(resid)} for everything else "
         "(copying the state into the model, optimizer, loops and loaders, and noise).",
-        "With `verify='size'` the sha256 pass is skipped on resume (size check only).",
+        "With `verify='size'` the checksum pass is skipped on resume (size check only).",
     ]
     section.data = {"mb": nbytes / MB, "ratio": median(r), "ready_ratio": median(rr), "extra": extra, "validate": validate,
                     "load": load, "residual": resid, "fresh": median(fresh), "resumed": median(resumed)}

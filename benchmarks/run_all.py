@@ -36,9 +36,9 @@ def summary_lines(sections: dict[str, Section]) -> list[str]:
     get = lambda key: sections[key].data if key in sections and not sections[key].error else None  # noqa: E731
     if (d := get("overhead")) is not None:
         parts = [f"world size {k[2:]}: {v['overhead'] * 100:+.1f} % (median steps), {d[k + '_low']['overhead'] * 100:+.1f} % "
-                 "(least disturbed steps) "
+                 f"(least disturbed steps), {d[k + '_cpu']['overhead'] * 100:+.1f} % (CPU time) "
                  f"(its own hooks {v['hook_seconds'] * 1e6:.0f} µs = {v['hook_share'] * 100:.2f} % of a {v['plain'] * 1e3:.1f} ms step)"
-                 for k, v in d.items() if k.startswith("ws") and not k.endswith("_low")]
+                 for k, v in d.items() if k.startswith("ws") and not k.endswith(("_low", "_cpu"))]
         out.append("Per-step overhead on a tiny model (target ≤ 1 %): " + "; ".join(parts) + ".")
     if (d := get("save")) is not None and d:
         out.append(f"Emergency save of {d['mb']:.0f} MB, signal → committed: {d['emergency_vs_raw']:.2f}× raw torch.save+fsync "
@@ -48,7 +48,7 @@ def summary_lines(sections: dict[str, Section]) -> list[str]:
                    f"{d['lightning_rss_share'] * 100:.0f} % for Lightning.")
     if (d := get("resume")) is not None and d:
         out.append(f"Resume of {d['mb']:.0f} MB: start → first step is {d['ratio']:.2f}× a fresh start; the extra "
-                   f"{d['extra']:.2f} s is validation (sha256) {d['validate']:.2f} s + torch.load {d['load']:.2f} s "
+                   f"{d['extra']:.2f} s is validation (size + checksum) {d['validate']:.2f} s + torch.load {d['load']:.2f} s "
                    f"+ {d['residual']:.2f} s else.")
     if (d := get("alternatives")) is not None and d.get("line"):
         out.append(d["line"])

@@ -119,16 +119,18 @@ class StepTimer(pl.Callback):
     def __init__(self, warmup: int) -> None:
         self.warmup = warmup
         self.times: list[float] = []
+        self.cpu_times: list[float] = []
 
     def on_train_batch_end(self, trainer: "pl.Trainer", *args: Any) -> None:
         self.times.append(time.perf_counter())
+        self.cpu_times.append(time.process_time())
 
-    def durations(self) -> list[float]:
-        t = self.times[max(0, self.warmup - 1):]
+    def durations(self, cpu: bool = False) -> list[float]:
+        t = (self.cpu_times if cpu else self.times)[max(0, self.warmup - 1):]
         return sorted(b - a for a, b in zip(t, t[1:]))
 
-    def per_step(self, quantile: float = 0.5) -> float:
-        d = self.durations()
+    def per_step(self, quantile: float = 0.5, cpu: bool = False) -> float:
+        d = self.durations(cpu)
         return d[min(len(d) - 1, int(quantile * len(d)))] if quantile != 0.5 else statistics.median(d)
 
 
@@ -211,13 +213,14 @@ def overhead_reps(devices: int, rank: int, run_root: Path, reps: int, steps: int
     Arms: ``plain`` (a plain Trainer), ``empty`` (plain plus a callback that does nothing: what Lightning's
     per-hook dispatch costs for any callback), ``callback`` (with ``PreemptionCallback``, no signal),
     ``callback_noexact`` (the callback with ``exact_data=False``: no per-batch bookkeeping of the data
-    position and RNG), and ``no_pl_broadcast`` (plain, with Lightning's own per-step SIGTERM broadcast
+    position and RNG), ``callback_every10`` (``agree_every_n_steps=10``), and ``no_pl_broadcast`` (plain, with Lightning's own per-step SIGTERM broadcast
     switched off: a reference for what one blocking collective per step costs).
     """
     from common import interleaved_order
 
     per_step: dict[str, list[float]] = {a: [] for a in arms}
     per_step_low: dict[str, list[float]] = {a: [] for a in arms}
+    per_step_cpu: dict[str, list[float]] = {a: [] for a in arms}
     hook: dict[str, list[float]] = {}
     for rep in range(reps):
         for arm in interleaved_order(arms, rep):
@@ -229,8 +232,8 @@ def overhead_reps(devices: int, rank: int, run_root: Path, reps: int, steps: int
                 callbacks.insert(0, pl.Callback())
             if arm.startswith("callback"):
                 # save_on_finish off: the final checkpoint after the timed steps would only lengthen the run
-                cb = TimedCallback(run_dir=run_root / f"{arm}-{rep}", requeue="none", exact_data=arm == "callback",
-                                   save_on_finish=False)
+                cb = TimedCallback(run_dir=run_root / f"{arm}-{rep}", requeue="none", exact_data=arm != "callback_noexact",
+                                   save_on_finish=False, agree_every_n_steps=10 if arm == "callback_every10" else 1)
                 callbacks.insert(0, cb)
             trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(devices, warmup + steps))
             if arm == "no_pl_broadcast":
@@ -238,9 +241,10 @@ def overhead_reps(devices: int, rank: int, run_root: Path, reps: int, steps: int
             trainer.fit(make_model(), datamodule=blobs(warmup + steps, devices))
             per_step[arm].append(timer.per_step())
             per_step_low[arm].append(timer.per_step(0.1))
+            per_step_cpu[arm].append(statistics.mean(timer.durations(cpu=True)))
             if cb is not None:
                 hook.setdefault(arm, []).append(cb.hook_seconds(warmup))
-    return {"per_step": per_step, "per_step_low": per_step_low, "hook_seconds": hook}
+    return {"per_step": per_step, "per_step_low": per_step_low, "per_step_cpu": per_step_cpu, "hook_seconds": hook}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -264,7 +268,7 @@ def job(spec: dict[str, Any]) -> None:
     # No final checkpoint when a resumed run finishes: growth measures its resume, then per-step overhead.
     cb = PreemptionCallback(run_dir=spec["run_dir"], requeue="local", save_on_finish=False)
     resume = cb.resume_path()
-    result["resume_path_seconds"] = time.time() - t  # validation of the newest checkpoint (size + sha256)
+    result["resume_path_seconds"] = time.time() - t  # validation of the newest checkpoint (size + checksum)
     result["resumed_from"] = resume
 
     def after_first(trainer: "pl.Trainer") -> None:

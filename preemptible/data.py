@@ -161,7 +161,8 @@ class ResumableBatches:
                 # Lightning's fetcher for sized loaders does not look ahead, so this is rare and the
                 # usual per-batch cost is one comparison.
                 self._ahead.append((position, capture_rng()))
-            else:
+            elif not self.in_process:
+                # Only worker processes read the tag (in-process loading keeps the RNG stream itself).
                 batch = _tagged(list(batch), batch_seed(self.epoch_seed, position))
             self.yielded += 1
             yield batch

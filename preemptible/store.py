@@ -87,7 +87,7 @@ class _Crc32:
 
     It detects every error burst of up to 32 bits and misses other random damage (a torn or
     overwritten block) with probability 2**-32, at two to three times sha256's speed; zlib releases
-    the GIL while computing it. It does not protect against a deliberate change: use sha256 for that.
+    the GIL while computing it.
     """
 
     def __init__(self) -> None:
@@ -101,8 +101,9 @@ class _Crc32:
 
 
 CHECKSUMS: dict[str, Callable[[], Any]] = {"crc32": _Crc32, "sha256": hashlib.sha256}
-"""Checksum algorithms for new checkpoints: ``crc32`` (default; accidental damage) or ``sha256``
-(also makes a deliberate change that keeps the size detectable, for the cost of a slower write and check)."""
+"""Checksum algorithms for new checkpoints: ``crc32`` (default) or ``sha256`` (a cryptographic digest,
+e.g. to compare with one kept elsewhere; slower to write and to check). Both detect damage, not
+tampering: whoever can rewrite a checkpoint can rewrite its commit record too."""
 
 
 def _checksummer(algorithm: str) -> Any:

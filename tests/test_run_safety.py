@@ -166,3 +166,37 @@ def test_progress_bar_keeps_working_under_the_callback(tmp_path: Path, capsys: p
     assert stopped.value.step == 5 and stopped.value.code == 144
     shown = capsys.readouterr()
     assert "Epoch 1" in shown.out + shown.err, "the progress bar rendered up to the epoch it stopped in"
+
+
+@pytest.mark.parametrize("signals, replaced", [(("USR1", "TERM"), True), (("USR1",), False)])
+def test_lightning_per_step_sigterm_broadcast_is_replaced_only_while_sigterm_is_ours(
+        tmp_path: Path, signals: tuple[str, ...], replaced: bool) -> None:
+    """Lightning broadcasts its own SIGTERM flag with a blocking collective before every DDP step. The
+    flag is set only by Lightning's SIGTERM handler; when ours replaces it, the broadcast can only carry
+    0, so the callback switches it off for the fit (and puts it back after). When SIGTERM is not among
+    the callback's signals, Lightning's handler and broadcast stay as they are."""
+    import pytorch_lightning as pl
+
+    from preemptible.lightning import hooks
+
+    seen: list[bool] = []
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer: "pl.Trainer", *args: object) -> None:
+            seen.append(trainer.fit_loop.epoch_loop.__dict__.get("_broadcast_sigterm_tensor") is hooks._no_broadcast)
+
+    import pytorch_lightning as pl
+    from preemptible import PreemptionCallback
+    from preemptible.examples import BlobsData, TinyModel
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
+    cb = PreemptionCallback(run_dir=tmp_path / "run", signals=signals, save_on_finish=False)
+    trainer = pl.Trainer(max_steps=3, callbacks=[cb, Probe()], logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    try:
+        trainer.fit(TinyModel(), datamodule=BlobsData(samples=64))
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+    assert seen == [replaced] * 3
+    assert "_broadcast_sigterm_tensor" not in trainer.fit_loop.epoch_loop.__dict__, "Lightning's method is back after fit"

@@ -233,6 +233,10 @@ class PreemptionCallback(Callback):
         if hooks.disable_lightning_auto_requeue(trainer):
             log.info("preemptible: Lightning's SLURM auto-requeue disabled; preemptible handles the signal")
         hooks.after_lightning_installs_handlers(trainer, self.signals.install)
+        if signal.SIGTERM in self.signals.signals and self.signals.installed:
+            # Ours is then the only SIGTERM handler on every rank: Lightning's per-step broadcast of its
+            # own SIGTERM flag could only carry 0, and it is a blocking collective on every step.
+            hooks.skip_lightning_sigterm_broadcast(trainer)
         if self.exact_data:
             if not hooks.intercept_train_loader_setup(trainer, self._loaders.prepare, self._loaders.after_lightning_load):
                 warnings.warn("preemptible: this Lightning version offers no point to prepare train loaders; "
@@ -358,6 +362,7 @@ class PreemptionCallback(Callback):
         self._fitting = False
         self._background.wait()
         self._agreement.close()
+        hooks.restore_lightning_sigterm_broadcast(trainer)
         self.signals.restore()
         if self._lock is not None:
             self._lock.release()
