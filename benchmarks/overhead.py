@@ -18,7 +18,7 @@ from common import (Context, Section, Table, median, paired_ratios, pct, read_sp
 def plan(quick: bool) -> dict[str, Any]:
     if quick:
         return {"reps": 2, "steps": 30, "warmup": 5, "world_sizes": [1], "steps_ddp": 20, "reps_ddp": 2}
-    return {"reps": 12, "steps": 150, "warmup": 20, "world_sizes": [1, 2], "steps_ddp": 100, "reps_ddp": 12}
+    return {"reps": 16, "steps": 300, "warmup": 20, "world_sizes": [1, 2], "steps_ddp": 100, "reps_ddp": 12}
 
 
 def _cell(d: dict[str, Any]) -> str:
@@ -92,9 +92,9 @@ def run(ctx: Context) -> Section:
             section.data[f"ws{ws}" + {"median": "", "lower decile": "_low", "CPU time": "_cpu"}[clock]] = d
     table.note = ("Step times of rank 0. *median*: each repetition's median wall-clock step. *lower decile*: each "
                   "repetition's 10th-percentile wall-clock step, the steps least disturbed by the other processes on this "
-                  "shared machine. *CPU time*: the CPU time this process (all its threads) spends per step, averaged over "
-                  "the repetition; time other processes take from the cores does not count, so it is the least noisy "
-                  "estimate of what the callback itself adds (under DDP it leaves out waiting for the other rank).")
+                  "shared machine. *CPU time*: each repetition's median CPU time of this process (all its threads) per "
+                  "step; time other processes take from the cores does not count, though they still slow this one "
+                  "through shared caches and hyper-threads (under DDP it leaves out waiting for the other rank).")
     section.tables.append(table)
     if bcast.rows:
         section.tables.append(bcast)

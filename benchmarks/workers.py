@@ -241,7 +241,7 @@ def overhead_reps(devices: int, rank: int, run_root: Path, reps: int, steps: int
             trainer.fit(make_model(), datamodule=blobs(warmup + steps, devices))
             per_step[arm].append(timer.per_step())
             per_step_low[arm].append(timer.per_step(0.1))
-            per_step_cpu[arm].append(statistics.mean(timer.durations(cpu=True)))
+            per_step_cpu[arm].append(timer.per_step(cpu=True))
             if cb is not None:
                 hook.setdefault(arm, []).append(cb.hook_seconds(warmup))
     return {"per_step": per_step, "per_step_low": per_step_low, "per_step_cpu": per_step_cpu, "hook_seconds": hook}

@@ -81,8 +81,10 @@ class PreemptionCallback(Callback):
             proactively when the time left would no longer fit an emergency save; a number is a fixed
             end time (unix seconds); ``False`` turns it off.
         agree_every_n_steps: under DDP, reduce the ranks' stop votes only every N optimizer steps.
-            Each reduction costs about 0.1 ms (gloo, CPU); for steps of a few milliseconds raise N
-            (the stop then comes up to 2 N steps after the signal instead of 1-2).
+            The reduction takes the place of Lightning's own blocking per-step SIGTERM broadcast
+            (switched off while SIGTERM is among ``signals``), but a collective per step still
+            costs a few percent of a step of a few milliseconds: raise N there (the stop then
+            comes up to 2 N steps after the signal instead of 1-2).
 
     Example::
 
