@@ -36,6 +36,10 @@ class StopAgreement:
         """Blocking agreement, for points that are not step boundaries (train start, teardown)."""
         return vote
 
+    def any(self, flag: bool) -> bool:
+        """Blocking: whether ``flag`` holds on any rank. The stop vote in flight is left alone."""
+        return flag
+
     def close(self) -> None:
         """Finish any reduction in flight (every rank calls it at the same point)."""
 
@@ -94,6 +98,12 @@ class DistributedStopAgreement(StopAgreement):
         tensor = torch.tensor([max(vote, earlier)], dtype=torch.int64)
         self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX, group=self._group)
         return int(tensor.item())
+
+    def any(self, flag: bool) -> bool:
+        # Issued after the vote in flight on every rank, so the group sees the same order everywhere.
+        tensor = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX, group=self._group)
+        return bool(tensor.item())
 
     def barrier(self) -> None:
         """Wait until every rank reaches this point (over the same CPU group)."""

@@ -15,7 +15,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, vote_at: dict, out, every: int = 1) -> None:
+def _worker(rank: int, port: int, vote_at: dict, out, every: int = 1, ask_any_at: int = 0) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from preemptible.agreement import DistributedStopAgreement
@@ -25,6 +25,10 @@ def _worker(rank: int, port: int, vote_at: dict, out, every: int = 1) -> None:
     for step in range(1, 50):
         # A rank's flag stays set once raised, like a recorded signal.
         decided = agreement.step(10 if rank in vote_at and step >= vote_at[rank] else 0)
+        if step == ask_any_at:
+            # A question of its own between two boundaries (is rank 0's background write busy?): answered
+            # alike on both ranks, and the stop vote in flight is not consumed by it.
+            assert agreement.any(rank == 0) is True and agreement.any(False) is False
         if decided:
             stopped_at = (step, decided)
             break
@@ -33,11 +37,11 @@ def _worker(rank: int, port: int, vote_at: dict, out, every: int = 1) -> None:
     dist.destroy_process_group()
 
 
-def _run(vote_at: dict, every: int = 1) -> dict:
+def _run(vote_at: dict, every: int = 1, ask_any_at: int = 0) -> dict:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, vote_at, out, every)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, port, vote_at, out, every, ask_any_at)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(out.get(timeout=120) for _ in procs)
@@ -62,3 +66,9 @@ def test_reducing_every_4_steps_still_stops_both_on_one_step() -> None:
     # read at step 12.
     results = _run({1: 5}, every=4)
     assert results == {0: (12, 10), 1: (12, 10)}
+
+
+def test_asking_any_between_boundaries_leaves_the_vote_in_flight() -> None:
+    # rank 1 votes at step 5; both ranks ask another question at step 5, after the vote was issued
+    results = _run({1: 5}, ask_any_at=5)
+    assert results == {0: (6, 10), 1: (6, 10)}

@@ -33,6 +33,9 @@ def test_periodic_checkpoints_go_through_the_store_and_a_crash_resumes_from_the_
     saves = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "checkpoint"]
     assert [e["step"] for e in saves][:2] == [4, 8] and all(e["reason"] == "periodic" for e in saves)
     assert all(e["background"] is (mode == "async") for e in saves)
+    # A background save journals how long training waited for the copy of the state to CPU memory.
+    assert all(("copy_seconds" in e) is (mode == "async") for e in saves)
+    assert all(e["copy_seconds"] >= 0 for e in saves if mode == "async")
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("*.ckpt"))
     assert len(kept) == 2, f"retention keeps the two newest: {kept}"
     # Relaunch: resumes from the newest periodic checkpoint and reaches the end.
@@ -65,3 +68,56 @@ def test_parse_slurm_end_time() -> None:
     fixed = JobDeadline(JobEnvironment.from_env({}), end_time=1e12)
     assert fixed.known and not fixed.too_close(60)
     assert not JobDeadline(JobEnvironment.from_env({})).known, "outside SLURM there is no deadline to read"
+
+
+def test_background_staging_copies_into_reused_buffers_that_training_cannot_change() -> None:
+    """A background save copies the state to CPU memory at the step (training waits only for that) and
+    writes the copy on a thread. The copy goes into the buffers of the previous save where shapes match:
+    the values must be those of the moment of the copy, never the live tensors."""
+    from collections import OrderedDict
+
+    import torch
+
+    from preemptible.lightning.saving import BackgroundWriter
+
+    weights = OrderedDict(w=torch.arange(6.0).reshape(2, 3), b=torch.zeros(3))
+    weights._metadata = {"": {"version": 1}}  # type: ignore[attr-defined]
+    state = {"state_dict": weights, "optimizer_states": [{"state": {0: {"momentum": torch.ones(4)}}}],
+             "loops": {"step": 7}, "pair": (torch.tensor([1, 2]), "tag")}
+    writer = BackgroundWriter()
+    first = writer.stage(state)
+    assert first["loops"] == {"step": 7} and first["pair"][1] == "tag"
+    assert first["state_dict"]._metadata == {"": {"version": 1}} and list(first["state_dict"]) == ["w", "b"]
+    weights["w"].add_(100)  # training goes on
+    assert torch.equal(first["state_dict"]["w"], torch.arange(6.0).reshape(2, 3)), "the copy does not follow training"
+    buffer = first["state_dict"]["w"]
+    second = writer.stage(state)
+    assert second["state_dict"]["w"] is buffer, "the second save reuses the first one's buffer"
+    assert torch.equal(buffer, torch.arange(6.0).reshape(2, 3) + 100)
+    # A tensor whose shape changed gets a new buffer; one that is gone is no longer held.
+    state["optimizer_states"][0]["state"][0]["momentum"] = torch.ones(5)
+    del state["pair"]
+    third = writer.stage(state)
+    assert third["optimizer_states"][0]["state"][0]["momentum"].shape == (5,)
+    assert ("pair", 0) not in writer._staging and len(writer._staging) == 3
+
+
+def test_staging_refuses_while_a_write_still_reads_the_buffers() -> None:
+    import threading
+
+    import pytest
+    import torch
+
+    from preemptible.lightning.saving import BackgroundWriter
+
+    writer = BackgroundWriter()
+    release = threading.Event()
+    writer.stage({"w": torch.ones(2)})
+    writer.submit(lambda: release.wait(10))
+    try:
+        with pytest.raises(RuntimeError, match="still being written"):
+            writer.stage({"w": torch.zeros(2)})
+    finally:
+        release.set()
+        writer.wait()
+    assert torch.equal(writer.stage({"w": torch.zeros(2)})["w"], torch.zeros(2))

@@ -161,3 +161,25 @@ def test_requeue_limit_stops_with_a_message_and_keeps_the_checkpoint(tmp_path: P
     assert last.checkpoint and Path(last.checkpoint).exists(), "the checkpoint is written and kept"
     exits = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == "exit"]
     assert {e["code"] for e in exits[-devices:]} == {1}, "every rank exits 1: nobody asks for a requeue"
+
+
+@pytest.mark.ddp
+def test_ddp_background_checkpoints_every_step_with_a_signal_to_rank1(tmp_path: Path, reference_run) -> None:
+    """Periodic background checkpoints under DDP: only rank 0 writes, so only it knows whether its last
+    write is still in flight; the ranks must agree to skip (never deadlock on a save that one rank skips),
+    and a stop vote issued at a periodic save's step must survive the save's own collectives."""
+    options = {"options": {"every_n_steps": 1}}
+    summary, record = _run(tmp_path, 2, at_step=9, signal="USR1", target="rank:1", **options)
+    _check(summary, tmp_path)
+    events = list(read_events(tmp_path / "run" / "events.jsonl"))
+    periodic = [e for e in events if e["event"] == "checkpoint" and e["reason"] == "periodic"]
+    skipped = [e for e in events if e["event"] == "checkpoint_skipped"]
+    assert all(e["background"] for e in periodic)
+    # Every boundary decides a save or an agreed skip, except: the first boundary of each attempt (the vote is
+    # read one step later), the stop step (the emergency save), the last one (the final save) and an epoch's
+    # last batch (the example's 256 samples, batch 16, 2 ranks: 8 per epoch), whose save moves one step on.
+    stop = next(e["step"] for e in events if e["event"] == "stop_agreed")
+    expected = set(range(2, STEPS)) - {stop, stop + 1} - set(range(8, STEPS, 8))
+    decided = {e["step"] for e in periodic} | {e["step"] for e in skipped}
+    assert expected <= decided, f"no save and no agreed skip at steps {sorted(expected - decided)}"
+    assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=2, step_sleep=SLEEP, every_n_steps=1))

@@ -433,9 +433,13 @@ class PreemptionCallback(Callback):
 
     def _periodic_save(self, trainer: "pl.Trainer") -> None:
         self._last_save_time = time.monotonic()
-        if self._background.busy:
+        # Only rank 0 writes in the background, so only it knows that its last write is still in flight;
+        # the save is a collective, so every rank must make the same choice.
+        if self._agreement.any(self._background.busy):
             if trainer.is_global_zero:
                 log.warning("preemptible: the previous periodic checkpoint is still being written; skipping this one")
+                self._rundir().journal.append("checkpoint_skipped", step=trainer.global_step,
+                                              reason="the previous background checkpoint is still being written")
             return
         self._save(trainer, reason="periodic", background=self._background if self.async_save else None)
 
