@@ -50,15 +50,15 @@ def run(ctx: Context) -> Section:
         "*Hooks* = a stopwatch around the callback's own per-step hooks (median per step). Under DDP, Lightning 2.6 itself broadcasts its "
         "SIGTERM flag with a **blocking** collective on every step (`_TrainingEpochLoop._broadcast_sigterm_tensor`), in the "
         "*plain* and *empty callback* arms. `PreemptionCallback` owns SIGTERM on every rank during `fit` (Lightning's handler, "
-        "the only thing that sets that flag, is replaced), so it switches that broadcast off and runs its own non-blocking "
-        "all-reduce, read a step later, instead. Two more DDP arms: *agree every 10* = the callback with "
-        "`agree_every_n_steps=10`, and *plain without Lightning's broadcast*, the floor against which the agreement's own "
-        "cost shows."))
+        "the only thing that sets that flag, is replaced), so it reduces its own stop votes in that slot instead (the vote "
+        "of one step boundary, read at the next): one collective per batch either way. Two more DDP arms: *agree every 10* "
+        "= the callback with `agree_every_n_steps=10`, and *plain without Lightning's broadcast*, the floor against which "
+        "the cost of a collective per batch shows."))
     table = Table("Per-step time against a plain Trainer (median [range] of per-repetition ratios; target ≤ 1 %)", [
         "world size", "step time", "plain / step", "empty callback", "PreemptionCallback", "PreemptionCallback, exact_data=False",
         "PreemptionCallback, agree every 10", "its hooks / step (÷ plain step)"])
-    bcast = Table("Lightning's own per-step SIGTERM broadcast under DDP (in the plain arm; the callback replaces it), and "
-                  "what preemptible's agreement costs in its place", [
+    bcast = Table("Lightning's own per-batch SIGTERM broadcast under DDP (in the plain arm; the callback reduces its votes "
+                  "in that slot instead)", [
         "step time", "plain / step", "plain without Lightning's broadcast / step", "what Lightning's broadcast costs [range]",
         "PreemptionCallback ÷ plain without Lightning's broadcast [range]"])
     for ws in p["world_sizes"]:
@@ -114,11 +114,10 @@ def run(ctx: Context) -> Section:
             every10 = d["callback_every10"]
             section.findings.append(
                 f"Lightning's blocking per-step SIGTERM broadcast (on vs off): {pct(d['pl_broadcast'])} per DDP step here "
-                f"(median; {pct(dc['pl_broadcast'])} on the least disturbed steps). The callback replaces it with its "
-                f"non-blocking agreement, which on its own costs {pct(d['own_vs_floor'])} "
-                f"({pct(dc['own_vs_floor'])}) against a Trainer without either: on this toy model a collective per step is "
-                f"expensive however it is issued. With `agree_every_n_steps=10` the callback measures "
-                f"{pct(every10['overhead'])} ({pct(dc['callback_every10']['overhead'])}) against plain Lightning.")
+                f"(median; {pct(dc['pl_broadcast'])} on the least disturbed steps). The callback reduces its votes in "
+                f"that slot instead; against a Trainer with no collective there at all it measures {pct(d['own_vs_floor'])} "
+                f"({pct(dc['own_vs_floor'])}). With `agree_every_n_steps=10` (a collective every 10th batch only) the callback "
+                f"measures {pct(every10['overhead'])} ({pct(dc['callback_every10']['overhead'])}) against plain Lightning.")
     return section
 
 

@@ -5,10 +5,12 @@ its own, one would enter the checkpoint's collectives while the others entered t
 forward pass's, and the job would hang until the hard kill. Instead every rank contributes its
 local flag at every optimizer-step boundary and all ranks act on the same reduced value.
 
-The reduction is started *without waiting* at step ``k`` and read at step ``k + 1``: by then the
-gradient all-reduce of step ``k + 1`` has long passed it, so reading costs nothing. The price is
-one step of latency between the signal and the stop, which is small next to SLURM's warning lead.
-Every rank issues exactly one reduction per boundary, so the collectives stay in lockstep.
+The vote cast at step ``k`` is read at step ``k + 1``, never at ``k``: the reduction is started
+without waiting at ``k`` (or, in *deferred* mode, run at a point every rank reaches between the two
+boundaries, see :meth:`DistributedStopAgreement.reduce_pending`), so no rank ever waits at a boundary
+for a slower one. The price is one step of latency between the signal and the stop, which is small
+next to SLURM's warning lead. Every rank issues exactly one reduction per boundary, so the
+collectives stay in lockstep.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ class StopAgreement:
 
     #: How many boundaries pass between a vote and the decision it affects.
     latency_steps: int = 0
+    #: Whether votes are reduced by :meth:`reduce_pending` between boundaries (distributed only).
+    deferred: bool = False
 
     def step(self, vote: int) -> int:
         """Called at every step boundary on every rank; returns the agreed value (max of votes)."""
@@ -40,6 +44,9 @@ class StopAgreement:
         """Blocking: whether ``flag`` holds on any rank. The stop vote in flight is left alone."""
         return flag
 
+    def reduce_pending(self) -> None:
+        """Deferred mode: reduce the vote cast at the last boundary now (see the distributed class)."""
+
     def close(self) -> None:
         """Finish any reduction in flight (every rank calls it at the same point)."""
 
@@ -52,6 +59,13 @@ class DistributedStopAgreement(StopAgreement):
             backend is gloo, and otherwise creates a dedicated gloo group, so that the flag is a
             CPU tensor and reading it never synchronizes a CUDA stream. Creating a group is itself
             a collective: construct this object at the same point on every rank.
+        every: reduce only at every ``every``-th boundary.
+
+    Set :attr:`deferred` to have the vote reduced by :meth:`reduce_pending`, called by every rank at
+    one point between two boundaries (the Lightning layer uses the slot of Lightning's own per-batch
+    SIGTERM broadcast, which it replaces): one blocking collective per step in place of one that
+    the trainer already makes, instead of one more running alongside training. With all cores busy
+    (CPU training), an asynchronous collective has to wait for a core anyway, and then costs more.
     """
 
     latency_steps = 1
@@ -73,8 +87,24 @@ class DistributedStopAgreement(StopAgreement):
         self._boundaries = 0
         self._pending: Optional[Any] = None
         self._pending_tensor: Optional[torch.Tensor] = None
+        self.deferred = False
+        self._deferred_vote: Optional[int] = None  # cast at the last boundary, not reduced yet
+        self._deferred_decided = 0  # reduced, not read yet
+
+    def reduce_pending(self) -> None:
+        if self._deferred_vote is None:
+            return
+        tensor = torch.tensor([self._deferred_vote], dtype=torch.int64)
+        self._deferred_vote = None
+        self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX, group=self._group)
+        self._deferred_decided = max(self._deferred_decided, int(tensor.item()))
 
     def _collect(self) -> int:
+        if self.deferred:
+            # Between a boundary and the next reduction point the vote is only cast: reduce it now.
+            self.reduce_pending()
+            decided, self._deferred_decided = self._deferred_decided, 0
+            return decided
         if self._pending is None:
             return 0
         self._pending.wait()
@@ -87,6 +117,15 @@ class DistributedStopAgreement(StopAgreement):
         self._boundaries += 1
         if self._boundaries % self.every:
             return 0
+        if self.deferred:
+            decided, self._deferred_decided = self._deferred_decided, 0
+            if self._deferred_vote is not None:
+                # The reduction point was not reached since the last boundary (it is skipped when a
+                # loop ends): reduce that vote now, on every rank alike, so none is lost.
+                self.reduce_pending()
+                decided, self._deferred_decided = max(decided, self._deferred_decided), 0
+            self._deferred_vote = vote
+            return decided
         decided = self._collect()
         tensor = torch.tensor([vote], dtype=torch.int64)
         self._pending = self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX, group=self._group, async_op=True)
@@ -94,7 +133,11 @@ class DistributedStopAgreement(StopAgreement):
         return decided
 
     def now(self, vote: int) -> int:
-        earlier = self._collect()
+        if self.deferred:  # fold the vote not reduced yet into this reduction (the max is the same)
+            earlier = max(self._deferred_vote or 0, self._deferred_decided)
+            self._deferred_vote, self._deferred_decided = None, 0
+        else:
+            earlier = self._collect()
         tensor = torch.tensor([max(vote, earlier)], dtype=torch.int64)
         self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX, group=self._group)
         return int(tensor.item())
@@ -111,6 +154,11 @@ class DistributedStopAgreement(StopAgreement):
         self._dist.barrier(group=self._group)
 
     def close(self) -> None:
+        if self.deferred:
+            # Training is over: a vote not reduced yet decides nothing any more, and issuing a collective
+            # here could wait forever for a rank that left by another path.
+            self._deferred_vote, self._deferred_decided = None, 0
+            return
         self._collect()
 
 

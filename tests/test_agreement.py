@@ -15,14 +15,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, vote_at: dict, out, every: int = 1, ask_any_at: int = 0) -> None:
+def _worker(rank: int, port: int, vote_at: dict, out, every: int = 1, ask_any_at: int = 0, deferred: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from preemptible.agreement import DistributedStopAgreement
 
     agreement = DistributedStopAgreement(every=every)
+    agreement.deferred = deferred
     stopped_at = None
     for step in range(1, 50):
+        if deferred and step % 3:
+            agreement.reduce_pending()  # the slot before a batch; skipped before every third one (a loop's end)
         # A rank's flag stays set once raised, like a recorded signal.
         decided = agreement.step(10 if rank in vote_at and step >= vote_at[rank] else 0)
         if step == ask_any_at:
@@ -37,11 +40,11 @@ def _worker(rank: int, port: int, vote_at: dict, out, every: int = 1, ask_any_at
     dist.destroy_process_group()
 
 
-def _run(vote_at: dict, every: int = 1, ask_any_at: int = 0) -> dict:
+def _run(vote_at: dict, every: int = 1, ask_any_at: int = 0, deferred: bool = False) -> dict:
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, vote_at, out, every, ask_any_at)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, port, vote_at, out, every, ask_any_at, deferred)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(out.get(timeout=120) for _ in procs)
@@ -72,3 +75,13 @@ def test_asking_any_between_boundaries_leaves_the_vote_in_flight() -> None:
     # rank 1 votes at step 5; both ranks ask another question at step 5, after the vote was issued
     results = _run({1: 5}, ask_any_at=5)
     assert results == {0: (6, 10), 1: (6, 10)}
+
+
+def test_deferred_reduction_in_a_slot_between_boundaries_has_the_same_latency() -> None:
+    """Votes reduced at a point between two boundaries (the Lightning layer: the slot of Lightning's own
+    per-batch broadcast) decide at the same boundaries as the asynchronous reduction, also when that
+    point is skipped before a boundary, and when another question is asked at a boundary."""
+    for vote_at in ({1: 5}, {1: 6}, {0: 9, 1: 3}):
+        expected = _run(vote_at)
+        assert _run(vote_at, deferred=True) == expected
+        assert _run(vote_at, deferred=True, ask_any_at=vote_at.get(1, 0)) == expected

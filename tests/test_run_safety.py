@@ -171,19 +171,18 @@ def test_progress_bar_keeps_working_under_the_callback(tmp_path: Path, capsys: p
 @pytest.mark.parametrize("signals, replaced", [(("USR1", "TERM"), True), (("USR1",), False)])
 def test_lightning_per_step_sigterm_broadcast_is_replaced_only_while_sigterm_is_ours(
         tmp_path: Path, signals: tuple[str, ...], replaced: bool) -> None:
-    """Lightning broadcasts its own SIGTERM flag with a blocking collective before every DDP step. The
+    """Lightning broadcasts its own SIGTERM flag with a blocking collective before every DDP batch. The
     flag is set only by Lightning's SIGTERM handler; when ours replaces it, the broadcast can only carry
-    0, so the callback switches it off for the fit (and puts it back after). When SIGTERM is not among
-    the callback's signals, Lightning's handler and broadcast stay as they are."""
+    0, so the callback reduces its own votes in that slot for the fit (and puts Lightning's back after).
+    When SIGTERM is not among the callback's signals, Lightning's handler and broadcast stay as they are."""
     import pytorch_lightning as pl
-
-    from preemptible.lightning import hooks
 
     seen: list[bool] = []
 
     class Probe(pl.Callback):
         def on_train_batch_start(self, trainer: "pl.Trainer", *args: object) -> None:
-            seen.append(trainer.fit_loop.epoch_loop.__dict__.get("_broadcast_sigterm_tensor") is hooks._no_broadcast)
+            slot = trainer.fit_loop.epoch_loop.__dict__.get("_broadcast_sigterm_tensor")
+            seen.append(getattr(slot, "_preemptible", False))
 
     import pytorch_lightning as pl
     from preemptible import PreemptionCallback

@@ -49,31 +49,33 @@ def after_lightning_installs_handlers(trainer: "pl.Trainer", reinstall: Callable
     return True
 
 
-def skip_lightning_sigterm_broadcast(trainer: "pl.Trainer") -> bool:
-    """Stop Lightning's blocking per-step broadcast of its SIGTERM flag (Lightning >= 2.1 under DDP).
+def replace_lightning_sigterm_broadcast(trainer: "pl.Trainer", replacement: Callable[[], None]) -> bool:
+    """Run ``replacement`` in the slot of Lightning's per-batch SIGTERM broadcast (Lightning >= 2.1, DDP).
 
-    The fit loop broadcasts ``trainer.received_sigterm`` from rank 0 before *every* training batch
-    and waits for it: a blocking collective per step (about 1 ms, 15 % of a small CPU step here; a
-    device sync per step under NCCL). The flag is set only by Lightning's own SIGTERM handler, which
-    ours replaces on every rank for the whole fit, so the broadcast would only ever carry 0; the
-    callback's non-blocking agreement does its job. Only call this when SIGTERM is one of the
-    callback's signals, on every rank alike. :func:`restore_lightning_sigterm_broadcast` undoes it.
+    Before *every* training batch the fit loop broadcasts ``trainer.received_sigterm`` from rank 0
+    and waits for it: a blocking collective per batch, on every rank (a device sync under NCCL).
+    That flag is set only by Lightning's own SIGTERM handler, which ours replaces on every rank for
+    the whole fit, so the broadcast would only ever carry 0. The callback reduces its stop votes in
+    that slot instead: the same number of collectives as without preemptible. Only call this when
+    SIGTERM is one of the callback's signals, on every rank alike; undone by
+    :func:`restore_lightning_sigterm_broadcast`.
     """
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     if loop is None or not callable(getattr(type(loop), "_broadcast_sigterm_tensor", None)):
         return False
-    loop._broadcast_sigterm_tensor = _no_broadcast  # an instance attribute shadows the method
+
+    def in_lightning_broadcast_slot() -> None:
+        replacement()
+
+    in_lightning_broadcast_slot._preemptible = True  # type: ignore[attr-defined]
+    loop._broadcast_sigterm_tensor = in_lightning_broadcast_slot  # an instance attribute shadows the method
     return True
 
 
 def restore_lightning_sigterm_broadcast(trainer: "pl.Trainer") -> None:
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
-    if loop is not None and loop.__dict__.get("_broadcast_sigterm_tensor") is _no_broadcast:
+    if loop is not None and getattr(loop.__dict__.get("_broadcast_sigterm_tensor"), "_preemptible", False):
         del loop._broadcast_sigterm_tensor
-
-
-def _no_broadcast() -> None:
-    """Stands in for Lightning's per-step SIGTERM broadcast while preemptible owns SIGTERM."""
 
 
 def keep_handlers_through_teardown(trainer: "pl.Trainer", handlers: dict[int, Any]) -> None:
