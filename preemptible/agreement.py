@@ -7,8 +7,8 @@ local flag at every optimizer-step boundary and all ranks act on the same reduce
 
 The vote cast at step ``k`` is read at step ``k + 1``, never at ``k``: the reduction is started
 without waiting at ``k`` (or, in *deferred* mode, run at a point every rank reaches between the two
-boundaries, see :meth:`DistributedStopAgreement.reduce_pending`), so no rank ever waits at a boundary
-for a slower one. The price is one step of latency between the signal and the stop, which is small
+boundaries where the ranks already meet, see :meth:`DistributedStopAgreement.reduce_pending`), so no
+rank waits at a boundary for a slower one. The price is one step of latency between the signal and the stop, which is small
 next to SLURM's warning lead. Every rank issues exactly one reduction per boundary, so the
 collectives stay in lockstep.
 """

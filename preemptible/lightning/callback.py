@@ -76,7 +76,8 @@ class PreemptionCallback(Callback):
         every_n_steps, every_n_minutes: periodic safety checkpoints (against crashes and SIGKILL without
             warning) through the same atomic store and retention. The time-based one follows rank 0's clock.
         async_save: write periodic checkpoints on a background thread from a CPU copy of the state,
-            so training does not wait for the disk (costs one checkpoint's worth of memory while writing).
+            so training waits only for the copy, not for the disk. The copy's buffers are kept and
+            reused from one save to the next: one checkpoint's worth of CPU memory.
         deadline: ``True`` reads the job's end time from SLURM (``squeue``) and checkpoints and requeues
             proactively when the time left would no longer fit an emergency save; a number is a fixed
             end time (unix seconds); ``False`` turns it off.
