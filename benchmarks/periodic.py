@@ -123,14 +123,14 @@ def worker(spec: dict[str, Any]) -> None:
         trainer.fit(BallastModel(spec["mb"], step_sleep=spec["step_sleep"]), datamodule=blobs(steps, 1))
         durations = [b - a for a, b in zip(timer.times, timer.times[1:])]
         events = [e for e in read_events(run_dir / "events.jsonl") if e.get("event") == "checkpoint"]
+        copies = [e["copy_seconds"] for e in events if e.get("copy_seconds") is not None]
         lightning_files = sorted((work / "lightning").glob("*.ckpt")) if arm == "lightning" else []
         out[arm] = {
             "train_seconds": timer.times[-1] - timer.times[0],
             "longest_step": max(durations),
             "committed": len(events) if arm != "lightning" else len(lightning_files),
             "bytes": events[-1]["bytes"] if events else (lightning_files[-1].stat().st_size if lightning_files else 0),
-            "copy_seconds": median([e["copy_seconds"] for e in events if e.get("copy_seconds") is not None]) if any(
-                e.get("copy_seconds") is not None for e in events) else None,
+            "copy_seconds": median(copies) if copies else None,
         }
         for f in list(run_dir.glob("checkpoints/step-*")) + lightning_files:
             f.unlink()

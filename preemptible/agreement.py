@@ -8,9 +8,9 @@ local flag at every optimizer-step boundary and all ranks act on the same reduce
 The vote cast at step ``k`` is read at step ``k + 1``, never at ``k``: the reduction is started
 without waiting at ``k`` (or, in *deferred* mode, run at a point every rank reaches between the two
 boundaries where the ranks already meet, see :meth:`DistributedStopAgreement.reduce_pending`), so no
-rank waits at a boundary for a slower one. The price is one step of latency between the signal and the stop, which is small
-next to SLURM's warning lead. Every rank issues exactly one reduction per boundary, so the
-collectives stay in lockstep.
+rank waits at a boundary for a slower one. The price is one step of latency between the signal and
+the stop, which is small next to SLURM's warning lead. Every rank issues exactly one reduction per
+boundary, so the collectives stay in lockstep.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class DistributedStopAgreement(StopAgreement):
 
     def _collect(self) -> int:
         if self.deferred:
-            # Between a boundary and the next reduction point the vote is only cast: reduce it now.
+            # A vote still only cast (the reduction point was skipped, as when a loop ends, or this is
+            # not a boundary): reduce it now, on every rank alike, so none is lost.
             self.reduce_pending()
             decided, self._deferred_decided = self._deferred_decided, 0
             return decided
@@ -117,16 +118,10 @@ class DistributedStopAgreement(StopAgreement):
         self._boundaries += 1
         if self._boundaries % self.every:
             return 0
+        decided = self._collect()
         if self.deferred:
-            decided, self._deferred_decided = self._deferred_decided, 0
-            if self._deferred_vote is not None:
-                # The reduction point was not reached since the last boundary (it is skipped when a
-                # loop ends): reduce that vote now, on every rank alike, so none is lost.
-                self.reduce_pending()
-                decided, self._deferred_decided = max(decided, self._deferred_decided), 0
             self._deferred_vote = vote
             return decided
-        decided = self._collect()
         tensor = torch.tensor([vote], dtype=torch.int64)
         self._pending = self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX, group=self._group, async_op=True)
         self._pending_tensor = tensor

@@ -156,16 +156,17 @@ class _HashingFile:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        large = len(view) >= self._INLINE
-        hashed: Optional[Future[None]] = self._helper.submit(self._hash.update, view) if large else None
-        if not large:
+        hashed: Optional[Future[None]] = None
+        if len(view) >= self._INLINE:
+            hashed = self._helper.submit(self._hash.update, view)
+        else:
             self._hash.update(view)
         try:
             for start in range(0, len(view), self._SLICE):
                 piece = view[start:start + self._SLICE]
                 self._f.write(piece)
                 self.bytes += len(piece)
-                if large:
+                if hashed is not None:
                     self._start_writeback()
         except OSError as exc:
             # torch.save reports a failed write as a RuntimeError about zip positions; keep the real cause.
