@@ -61,8 +61,8 @@ def train(cfg: dict[str, Any], holder: Any = None) -> int:
     import pytorch_lightning as pl
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
-    from preemptible.examples import BlobsData
-    from preemptible.tracing import state_digest
+    from preemptible.examples.models import BlobsData
+    from preemptible.tools.tracing import state_digest
     from workers import BallastModel, setup_process
 
     setup_process()

@@ -62,8 +62,8 @@ PY = sys.executable
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from preemptible.store import COMMIT_SUFFIX, CheckpointError, CheckpointStore, CommitRecord, file_checksum  # noqa: E402
-from preemptible.train_example import options_to_argv  # noqa: E402
+from preemptible.core.store import COMMIT_SUFFIX, CheckpointError, CheckpointStore, CommitRecord, file_checksum  # noqa: E402
+from preemptible.examples.train import options_to_argv  # noqa: E402
 
 MiB = 1 << 20
 CKPT_NAME = re.compile(r"^step-(\d{9})(?:\.(\d+))?\.ckpt$")
@@ -251,7 +251,7 @@ SELF_SIGNAL_POINTS = ("sanity", "save", "train_end", "fit_end", "teardown", "aft
 
 
 def train_main(argv: Sequence[str]) -> int:
-    """``preemptible.train_example`` plus fault hooks; options not listed here go to the example.
+    """``preemptible.examples.train`` plus fault hooks; options not listed here go to the example.
 
     ``--ballast-mb N`` adds an N MiB tensor to the checkpoint (in a callback's state, so the model, its
     losses and its weight digest stay those of the plain example). ``--self-signal POINT:SIG`` makes the
@@ -274,7 +274,7 @@ def train_main(argv: Sequence[str]) -> int:
     import pytorch_lightning as pl
     import torch
 
-    from preemptible import train_example
+    from preemptible.examples import train as train_example
 
     def fire(point: str) -> None:
         sig = points.pop(point, None)  # each point fires once per process

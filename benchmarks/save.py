@@ -38,7 +38,7 @@ def plan(quick: bool) -> dict[str, Any]:
 
 
 def checksum_seconds(nbytes: int) -> float:
-    from preemptible.store import CHECKSUMS
+    from preemptible.core.store import CHECKSUMS
 
     block = os.urandom(64 * MB)
     h = CHECKSUMS["crc32"]()

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from preemptible import PreemptionCallback
-from preemptible.examples import BlobsData, TinyModel
+from preemptible.examples.models import BlobsData, TinyModel
 
 from common import read_events, read_spec, write_result
 

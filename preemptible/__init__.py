@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from preemptible.exit import REQUEUE_EXIT_CODE, Preempted, RequeueLimitReached
-from preemptible.store import CheckpointError, InvalidCheckpoint
+from preemptible.core.exit import REQUEUE_EXIT_CODE, Preempted, RequeueLimitReached
+from preemptible.core.store import CheckpointError, InvalidCheckpoint
 
 if TYPE_CHECKING:
     from preemptible.lightning.callback import PreemptionCallback
@@ -38,7 +38,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
     Read-only: invalid checkpoints are reported with a warning and skipped, not moved.
     """
-    from preemptible.store import CheckpointStore
+    from preemptible.core.store import CheckpointStore
 
     found = CheckpointStore(Path(run_dir) / "checkpoints").latest_valid(quarantine=False)
     return found.path if found else None

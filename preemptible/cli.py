@@ -14,7 +14,7 @@ from typing import Sequence
 _COMMANDS = (
     "preemptible.commands.run",
     "preemptible.commands.demo",
-    "preemptible.sbatch",
+    "preemptible.commands.sbatch",
     "preemptible.commands.check",
     "preemptible.commands.status",
     "preemptible.commands.report",

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import example_command  # noqa: E402
 
-from preemptible.testing import run_preempted  # noqa: E402
+from preemptible.tools.testing import run_preempted  # noqa: E402
 
 # Child processes must not inherit a run directory from the developer's shell.
 os.environ.pop("PREEMPTIBLE_RUN_DIR", None)

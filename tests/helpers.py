@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from preemptible.train_example import options_to_argv
+from preemptible.examples.train import options_to_argv
 
 PYTHON = sys.executable
 
 
 def example_command(record: Path, max_steps: int = 24, devices: int = 1, **options: Any) -> list[str]:
-    return [PYTHON, "-m", "preemptible.train_example", "--max-steps", str(max_steps), "--devices", str(devices),
+    return [PYTHON, "-m", "preemptible.examples.train", "--max-steps", str(max_steps), "--devices", str(devices),
             "--record", str(record), *options_to_argv(**options)]
 
 

@@ -18,7 +18,7 @@ def _free_port() -> int:
 def _worker(rank: int, port: int, vote_at: dict, out, every: int = 1, ask_any_at: int = 0, deferred: bool = False) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    from preemptible.agreement import DistributedStopAgreement
+    from preemptible.core.agreement import DistributedStopAgreement
 
     agreement = DistributedStopAgreement(every=every)
     agreement.deferred = deferred

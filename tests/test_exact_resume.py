@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_same_as_reference, example_command
 
-from preemptible.testing import assert_resumed_on_same_step, run_preempted
+from preemptible.tools.testing import assert_resumed_on_same_step, run_preempted
 
 COMBOS = [
     pytest.param(1, 0, id="1proc-w0"),

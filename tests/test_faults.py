@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from helpers import assert_same_as_reference
 
-from preemptible.store import CheckpointError, CheckpointStore
+from preemptible.core.store import CheckpointError, CheckpointStore
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_a_failed_commit_record_write_leaves_the_previous_checkpoint_and_no_file
     def disk_full(path, obj):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("preemptible.store.atomic_write_json", disk_full)
+    monkeypatch.setattr("preemptible.core.store.atomic_write_json", disk_full)
     with pytest.raises(CheckpointError, match=r"committing checkpoint step-000000002\.ckpt failed: .*No space left"):
         faults.commit_payload(store, 2, MiB)
     monkeypatch.undo()
@@ -260,7 +260,7 @@ def test_sigterm_after_the_last_step(tmp_path: Path, point: str) -> None:
     # handlers that were there before fit, and preemptible's own on_fit_end has not run yet.
     import torch
 
-    from preemptible.tracing import state_digest
+    from preemptible.tools.tracing import state_digest
 
     run_dir = tmp_path / "run"
     first = faults.run_attempt(faults.train_command(tmp_path / "record-0.jsonl", max_steps=6,

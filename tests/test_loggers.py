@@ -9,7 +9,7 @@ from pathlib import Path
 
 from helpers import example_command
 
-from preemptible.testing import run_preempted
+from preemptible.tools.testing import run_preempted
 
 
 def test_loggers_continue_in_the_same_version_and_run(tmp_path: Path) -> None:

@@ -9,10 +9,10 @@ import pytest
 from helpers import assert_same_as_reference, example_command
 
 from preemptible import REQUEUE_EXIT_CODE
-from preemptible.deadline import JobDeadline, parse_slurm_time
-from preemptible.environment import JobEnvironment
-from preemptible.journal import read_events
-from preemptible.testing import run_preempted
+from preemptible.core.deadline import JobDeadline, parse_slurm_time
+from preemptible.core.environment import JobEnvironment
+from preemptible.core.journal import read_events
+from preemptible.tools.testing import run_preempted
 
 STEPS = 20
 
@@ -20,7 +20,7 @@ STEPS = 20
 @pytest.mark.parametrize("mode", ["async", "sync"])
 def test_periodic_checkpoints_go_through_the_store_and_a_crash_resumes_from_the_last(tmp_path: Path, mode: str,
                                                                                    reference_run) -> None:
-    from preemptible.simulator import Preemption
+    from preemptible.tools.simulator import Preemption
 
     record = tmp_path / "record.jsonl"
     options = {"every_n_steps": 4, "sync_periodic": mode == "sync"}

@@ -14,8 +14,8 @@ import pytest
 from helpers import assert_same_as_reference, example_command
 
 from preemptible import REQUEUE_EXIT_CODE
-from preemptible.journal import read_events
-from preemptible.testing import assert_resumed_on_same_step, run_preempted
+from preemptible.core.journal import read_events
+from preemptible.tools.testing import assert_resumed_on_same_step, run_preempted
 
 STEPS = 24
 SLEEP = 0.05
@@ -103,7 +103,7 @@ def test_signal_before_the_first_step(tmp_path: Path, reference_run) -> None:
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path, reference_run) -> None:
-    from preemptible.simulator import Preemption
+    from preemptible.tools.simulator import Preemption
 
     record = tmp_path / "record.jsonl"
     cmd = example_command(record, max_steps=STEPS, devices=1, step_sleep=SLEEP)
@@ -148,7 +148,7 @@ def test_empty_run_dir_is_a_fresh_start(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("devices", WORLDS)
 def test_requeue_limit_stops_with_a_message_and_keeps_the_checkpoint(tmp_path: Path, devices: int) -> None:
-    from preemptible.simulator import Preemption
+    from preemptible.tools.simulator import Preemption
 
     record = tmp_path / "record.jsonl"
     cmd = example_command(record, max_steps=STEPS, devices=devices, step_sleep=SLEEP, max_requeues=1)

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from preemptible.environment import JobEnvironment
-from preemptible.requeue import LocalRequeue, RequeueError, SlurmRequeue, SubmititRequeue, select_backend
-from preemptible.rundir import RunDirError, resolve_run_dir
+from preemptible.core.environment import JobEnvironment
+from preemptible.core.requeue import LocalRequeue, RequeueError, SlurmRequeue, SubmititRequeue, select_backend
+from preemptible.core.rundir import RunDirError, resolve_run_dir
 
 
 def _env(**kw: str) -> JobEnvironment:

@@ -15,15 +15,15 @@ import pytest
 import torch
 from helpers import example_command
 
-from preemptible.lock import RunLock, RunLockedError
-from preemptible.rundir import read_progress
+from preemptible.core.lock import RunLock, RunLockedError
+from preemptible.core.rundir import read_progress
 
 
 def _fit(run_dir: Path, steps: int = 6, hidden: int = 32, **cb_kwargs):
     import pytorch_lightning as pl
 
     from preemptible import PreemptionCallback
-    from preemptible.examples import BlobsData, TinyModel
+    from preemptible.examples.models import BlobsData, TinyModel
 
     pl.seed_everything(0, verbose=False)
     cb = PreemptionCallback(run_dir=run_dir, **cb_kwargs)
@@ -42,7 +42,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_finished_run_restarted_resumes_at_its_end(finished_run: Path) -> None:
     from preemptible import latest_checkpoint
-    from preemptible.journal import read_events
+    from preemptible.core.journal import read_events
 
     last = latest_checkpoint(finished_run)
     assert last is not None and last.name == "step-000000006.ckpt", "a last checkpoint is committed at the end"
@@ -74,7 +74,7 @@ def test_checkpoint_of_a_different_model_is_refused_by_name(finished_run: Path, 
 def test_checkpoint_of_a_different_world_size_is_refused(finished_run: Path) -> None:
     import pytorch_lightning as pl
 
-    from preemptible.examples import TinyModel
+    from preemptible.examples.models import TinyModel
     from preemptible.lightning.compat import CheckpointMismatch, check_checkpoint_fits
 
     path = finished_run / "checkpoints" / "step-000000006.ckpt"
@@ -130,9 +130,9 @@ def test_free_space_warning_names_the_sizes(tmp_path: Path, monkeypatch: pytest.
 
     import psutil
 
-    from preemptible.examples import TinyModel
+    from preemptible.examples.models import TinyModel
     from preemptible.lightning.saving import warn_if_short_of_space
-    from preemptible.store import CheckpointStore
+    from preemptible.core.store import CheckpointStore
 
     usage = namedtuple("usage", "total used free percent")
     monkeypatch.setattr(psutil, "disk_usage", lambda path: usage(100, 100, 10, 90.0))  # the disk, not the code, is faked
@@ -145,8 +145,8 @@ def test_progress_bar_keeps_working_under_the_callback(tmp_path: Path, capsys: p
     import pytorch_lightning as pl
 
     from preemptible import Preempted, PreemptionCallback
-    from preemptible.examples import BlobsData, TinyModel
-    from preemptible.tracing import SignalAtStep
+    from preemptible.examples.models import BlobsData, TinyModel
+    from preemptible.tools.tracing import SignalAtStep
 
     import signal
 
@@ -186,7 +186,7 @@ def test_lightning_per_step_sigterm_broadcast_is_replaced_only_while_sigterm_is_
 
     import pytorch_lightning as pl
     from preemptible import PreemptionCallback
-    from preemptible.examples import BlobsData, TinyModel
+    from preemptible.examples.models import BlobsData, TinyModel
 
     before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM)}
     cb = PreemptionCallback(run_dir=tmp_path / "run", signals=signals, save_on_finish=False)

@@ -18,16 +18,16 @@ import pytest
 
 from preemptible import REQUEUE_EXIT_CODE
 from preemptible.cli import main as cli_main
-from preemptible.sbatch import (
+from preemptible.scheduler.slurm import (
     SubmitError,
     build_values,
     find_template,
     parse_time,
     placeholders,
-    register,
     render_sbatch,
     submit,
 )
+from preemptible.commands.sbatch import register
 
 COMMAND = ["python", "train.py", "--lr", "0.1"]
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from preemptible.signals import SignalRecorder, parse_signal
+from preemptible.core.signals import SignalRecorder, parse_signal
 
 
 def test_parse_signal_names() -> None:

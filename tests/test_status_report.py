@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from preemptible.cli import main
-from preemptible.runinfo import RunInfoError, summarize
-from preemptible.store import CheckpointStore, CommitRecord
-from preemptible.testing import run_preempted
+from preemptible.tools.runinfo import RunInfoError, summarize
+from preemptible.core.store import CheckpointStore, CommitRecord
+from preemptible.tools.testing import run_preempted
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 STEPS = 20
@@ -34,7 +34,7 @@ STEPS = 20
 def preempted_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A real run: preempted with SIGUSR1 around step 8, relaunched, finished at step 20."""
     base = tmp_path_factory.mktemp("status_report")
-    cmd = [sys.executable, "-m", "preemptible.train_example", "--max-steps", str(STEPS), "--step-sleep", "0.05"]
+    cmd = [sys.executable, "-m", "preemptible.examples.train", "--max-steps", str(STEPS), "--step-sleep", "0.05"]
     summary = run_preempted(cmd, run_dir=base / "run", at_step=8, timeout=180, log=base / "log.txt",
                             env={"PREEMPTIBLE_PROGRESS_EVENT_SECONDS": "0"})
     log = (base / "log.txt").read_text()
@@ -159,7 +159,7 @@ def test_missing_or_empty_run_dir_is_a_clear_error(tmp_path: Path, capsys: pytes
 def test_status_while_the_job_runs_then_after_it_is_killed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     env = dict(os.environ, PREEMPTIBLE_RUN_DIR=str(run_dir), PREEMPTIBLE_PROGRESS_INTERVAL="0")
-    cmd = [sys.executable, "-m", "preemptible.train_example", "--max-steps", "400", "--step-sleep", "0.3"]
+    cmd = [sys.executable, "-m", "preemptible.examples.train", "--max-steps", "400", "--step-sleep", "0.3"]
     with open(tmp_path / "log.txt", "wb") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

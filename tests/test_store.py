@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from preemptible.store import CheckpointError, CheckpointStore, CommitRecord, InvalidCheckpoint, file_checksum
+from preemptible.core.store import CheckpointError, CheckpointStore, CommitRecord, InvalidCheckpoint, file_checksum
 
 
 def _save(store: CheckpointStore, step: int, payload: bytes = b"x" * 1000):
@@ -147,7 +147,7 @@ def test_streamed_checksum_matches_the_bytes_on_disk(tmp_path: Path, algorithm: 
     order, and damage anywhere must be caught."""
     import random
 
-    from preemptible import store as store_module
+    from preemptible.core import store as store_module
 
     monkeypatch.setattr(store_module._HashingFile, "_SLICE", 1 << 20)  # several slices per large write
     rng = random.Random(3)
@@ -235,7 +235,7 @@ def test_early_writeback_is_available_on_linux(tmp_path: Path) -> None:
     must be in effect, not silently off, or every save pays the whole disk flush at its end."""
     import sys
 
-    from preemptible.fsutil import start_writeback
+    from preemptible.core.fsutil import start_writeback
 
     with open(tmp_path / "f", "wb") as f:
         f.write(b"x" * 100_000)

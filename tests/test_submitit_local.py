@@ -16,10 +16,10 @@ import pytest
 import submitit
 from helpers import assert_same_as_reference
 
-from preemptible.journal import read_events
-from preemptible.rundir import read_progress
-from preemptible.submitit import PreemptibleTask
-from preemptible.train_example import train_from_options
+from preemptible.core.journal import read_events
+from preemptible.core.rundir import read_progress
+from preemptible.scheduler.submitit import PreemptibleTask
+from preemptible.examples.train import train_from_options
 
 STEPS = 30
 

@@ -7,7 +7,7 @@ from typing import Any
 
 EXAMPLES = """
 examples:
-  preemptible check preemptible.examples:example_factory --steps 24 --preempt-at 10
+  preemptible check preemptible.examples.models:example_factory --steps 24 --preempt-at 10
   preemptible check mypkg.train:make_experiment --steps 40 --ranks 2      # random preemption step
 
 FACTORY is a function returning (LightningModule, datamodule_or_dataloaders, trainer_kwargs). It is
@@ -36,7 +36,7 @@ def run_check(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from preemptible.checking import check_resume
+    from preemptible.tools.checking import check_resume
 
     console = Console()
     with console.status(f"running {args.factory}: uninterrupted, then preempted..."):

@@ -33,7 +33,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from preemptible.simulator import LocalSupervisor, Preemption
+    from preemptible.tools.simulator import LocalSupervisor, Preemption
 
     console = Console(width=None if sys.stdout.isatty() else 110)
     devices = args.devices or (2 if (os.cpu_count() or 1) >= 2 else 1)
@@ -44,7 +44,7 @@ def run_demo(args: argparse.Namespace) -> int:
     steps = args.steps
 
     def command(record: Path) -> list[str]:
-        return [sys.executable, "-m", "preemptible.train_example", "--max-steps", str(steps), "--devices", str(devices),
+        return [sys.executable, "-m", "preemptible.examples.train", "--max-steps", str(steps), "--devices", str(devices),
                 "--samples", "512", "--step-sleep", "0.03", "--val-every", "10", "--record", str(record)]
 
     console.rule("[bold]preemptible demo")

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from preemptible.runinfo import AttemptInfo, RunInfo, format_duration, summarize, time_at_step
+from preemptible.tools.runinfo import AttemptInfo, RunInfo, format_duration, summarize, time_at_step
 
 INSTALL_HINT = ("the timeline needs matplotlib, an optional extra: pip install 'preemptible[report]' "
                 "(or pip install matplotlib)")

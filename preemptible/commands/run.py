@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from preemptible.exit import REQUEUE_EXIT_CODE
-from preemptible.simulator import LocalSupervisor, Preemption, RunSummary
+from preemptible.core.exit import REQUEUE_EXIT_CODE
+from preemptible.tools.simulator import LocalSupervisor, Preemption, RunSummary
 
 EXAMPLES = f"""
 examples:

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from preemptible.runinfo import DEFAULT_STALE_AFTER, RunInfo, format_duration, summarize
+from preemptible.tools.runinfo import DEFAULT_STALE_AFTER, RunInfo, format_duration, summarize
 
 EXAMPLES = f"""
 examples:

@@ -16,22 +16,22 @@ from typing import Any, Iterable, Optional
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-from preemptible.agreement import StopAgreement, make_agreement
-from preemptible.environment import JobEnvironment
-from preemptible.exit import Preempted, RequeueLimitReached
+from preemptible.core.agreement import StopAgreement, make_agreement
+from preemptible.core.environment import JobEnvironment
+from preemptible.core.exit import Preempted, RequeueLimitReached
 from preemptible.lightning import hooks
 from preemptible.lightning.compat import check_checkpoint_fits
 from preemptible.lightning.loaders import LoaderTracker
 from preemptible.lightning.loggers import export_wandb_run_id, keep_logger_versions
-from preemptible import votes
-from preemptible.deadline import JobDeadline
+from preemptible.core import votes
+from preemptible.core.deadline import JobDeadline
 from preemptible.lightning.saving import BackgroundWriter, save_checkpoint, warn_if_short_of_space
-from preemptible.lock import RunLock, RunLockedError
-from preemptible.requeue import RequeueBackend, RequeueError, select_backend
-from preemptible.rng import capture_rng
-from preemptible.rundir import ProgressFile, RunDirectory, RunDirError, resolve_run_dir
-from preemptible.signals import DEFAULT_SIGNALS, SignalRecorder
-from preemptible.store import CHECKSUMS, StoredCheckpoint
+from preemptible.core.lock import RunLock, RunLockedError
+from preemptible.core.requeue import RequeueBackend, RequeueError, select_backend
+from preemptible.core.rng import capture_rng
+from preemptible.core.rundir import ProgressFile, RunDirectory, RunDirError, resolve_run_dir
+from preemptible.core.signals import DEFAULT_SIGNALS, SignalRecorder
+from preemptible.core.store import CHECKSUMS, StoredCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class PreemptionCallback(Callback):
         signals: signals that mean "stop soon" (names like ``"USR1"`` or ``signal.Signals``).
         requeue: ``"auto"`` (SLURM → ``scontrol requeue``; submitit → submitit; else exit code only),
             ``"slurm"``, ``"submitit"``, ``"local"``, ``"none"``, or a
-            :class:`~preemptible.requeue.RequeueBackend`.
+            :class:`~preemptible.core.requeue.RequeueBackend`.
         max_requeues: how many requeues the run may use (counted from ``SLURM_RESTART_COUNT`` and the
             run's own record). Past it the checkpoint is still written, the process exits with code 1
             and a message saying so. Default: ``$PREEMPTIBLE_MAX_REQUEUES``, else 50.
@@ -403,7 +403,7 @@ class PreemptionCallback(Callback):
         return {"rng": capture_rng(), "loaders": self._loaders.state(trainer)}
 
     def _vote(self, trainer: "pl.Trainer", step: int) -> int:
-        """This rank's wish at this boundary (see :mod:`preemptible.votes`)."""
+        """This rank's wish at this boundary (see :mod:`preemptible.core.votes`)."""
         note = self.signals.note
         if note is not None:
             if not self._signal_logged:

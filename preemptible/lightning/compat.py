@@ -10,7 +10,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from preemptible.store import COMMIT_SUFFIX, CheckpointError
+from preemptible.core.store import COMMIT_SUFFIX, CheckpointError
 
 
 class CheckpointMismatch(CheckpointError):

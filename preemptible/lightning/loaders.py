@@ -8,8 +8,8 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, IterableDataset
 
-from preemptible.data import ResumableBatches, SeedingWorkerInit
-from preemptible.rng import restore_rng
+from preemptible.core.data import ResumableBatches, SeedingWorkerInit
+from preemptible.core.rng import restore_rng
 
 
 class LoaderTracker:

@@ -24,7 +24,7 @@ import psutil
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
-from preemptible.rundir import RunDirectory
+from preemptible.core.rundir import RunDirectory
 
 
 def _key(index: int, logger: Any) -> str:

@@ -13,9 +13,9 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.strategies import Strategy
 
-from preemptible.agreement import DistributedStopAgreement, StopAgreement
-from preemptible.rundir import RunDirectory
-from preemptible.store import CheckpointError, CommitRecord, StoredCheckpoint
+from preemptible.core.agreement import DistributedStopAgreement, StopAgreement
+from preemptible.core.rundir import RunDirectory
+from preemptible.core.store import CheckpointError, CommitRecord, StoredCheckpoint
 
 
 def streams_with_torch_save(strategy: Strategy) -> bool:

@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from preemptible.deadline import JobDeadline, squeue_end_time
-from preemptible.environment import JobEnvironment
+from preemptible.core.deadline import JobDeadline, squeue_end_time
+from preemptible.core.environment import JobEnvironment
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pytest
 from helpers import assert_same_as_reference, example_command
 
-from preemptible.journal import read_events
+from preemptible.core.journal import read_events
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster

@@ -11,10 +11,10 @@ import submitit
 from helpers import assert_same_as_reference
 from test_slurm_e2e import submit_high
 
-from preemptible.journal import read_events
-from preemptible.rundir import read_progress
-from preemptible.submitit import PreemptibleTask
-from preemptible.train_example import train_from_options
+from preemptible.core.journal import read_events
+from preemptible.core.rundir import read_progress
+from preemptible.scheduler.submitit import PreemptibleTask
+from preemptible.examples.train import train_from_options
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster

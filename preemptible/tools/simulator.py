@@ -1,6 +1,6 @@
 """Local simulation of preemption: run a command, signal it at a planned point, relaunch on requeue.
 
-This is what ``preemptible run`` does on a laptop or in CI, and what :mod:`preemptible.testing`
+This is what ``preemptible run`` does on a laptop or in CI, and what :mod:`preemptible.tools.testing`
 offers to pytest suites. Signals are real: they are sent with ``kill`` to the real processes.
 """
 
@@ -16,10 +16,10 @@ from typing import Callable, Optional, Sequence
 
 import psutil
 
-from preemptible.exit import REQUEUE_EXIT_CODE
-from preemptible.journal import read_events
-from preemptible.rundir import read_progress
-from preemptible.signals import parse_signal
+from preemptible.core.exit import REQUEUE_EXIT_CODE
+from preemptible.core.journal import read_events
+from preemptible.core.rundir import read_progress
+from preemptible.core.signals import parse_signal
 
 
 @dataclass

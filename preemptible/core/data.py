@@ -28,7 +28,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from preemptible.rng import capture_rng, restore_rng
+from preemptible.core.rng import capture_rng, restore_rng
 
 # Batches fetched ahead of training whose pre-fetch RNG we remember (Lightning prefetches one;
 # a user's own prefetching fetcher may take a few more).

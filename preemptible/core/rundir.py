@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from preemptible.environment import JobEnvironment
-from preemptible.fsutil import atomic_write_json, read_json
-from preemptible.journal import Journal
-from preemptible.store import CheckpointStore
+from preemptible.core.environment import JobEnvironment
+from preemptible.core.fsutil import atomic_write_json, read_json
+from preemptible.core.journal import Journal
+from preemptible.core.store import CheckpointStore
 
 
 class RunDirError(RuntimeError):
@@ -43,8 +43,8 @@ class RunDirectory:
 
     Attributes:
         path: the run directory.
-        store: the :class:`~preemptible.store.CheckpointStore` under ``checkpoints/``.
-        journal: the :class:`~preemptible.journal.Journal` in ``events.jsonl``.
+        store: the :class:`~preemptible.core.store.CheckpointStore` under ``checkpoints/``.
+        journal: the :class:`~preemptible.core.journal.Journal` in ``events.jsonl``.
     """
 
     def __init__(self, path: str | os.PathLike[str], keep: int = 2, env: JobEnvironment | None = None,

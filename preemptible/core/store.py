@@ -27,12 +27,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Optional
 
-from preemptible.fsutil import atomic_write_json, fsync_dir, pid_alive, read_json, start_writeback, temp_name
+from preemptible.core.schema import COMMIT_SUFFIX, RECORD_FORMAT, CommitRecord
+from preemptible.core.fsutil import atomic_write_json, fsync_dir, pid_alive, read_json, start_writeback, temp_name
 
 log = logging.getLogger(__name__)
 
-COMMIT_SUFFIX = ".commit.json"
-RECORD_FORMAT = 1
 _NAME = re.compile(r"^step-(\d{9})(?:\.(\d+))?\.ckpt$")
 _CHUNK = 8 << 20
 
@@ -43,27 +42,6 @@ class CheckpointError(RuntimeError):
 
 class InvalidCheckpoint(CheckpointError):
     """A committed checkpoint failed validation (size, checksum or unreadable record)."""
-
-
-@dataclass
-class CommitRecord:
-    """What is known about a committed checkpoint; stored as JSON next to it."""
-
-    file: str
-    step: int
-    bytes: int
-    checksum: str  # "<algorithm>:<hex digest>" of the whole file, e.g. "crc32:1c291ca3"
-    epoch: int = 0
-    reason: str = ""
-    world_size: int = 1
-    time: float = 0.0
-    save_seconds: float = 0.0
-    job_id: str | None = None
-    restart_count: int = 0
-    host: str = ""
-    versions: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    format: int = RECORD_FORMAT
 
 
 @dataclass(frozen=True)
@@ -133,7 +111,7 @@ class _HashingFile:
     are checksummed inline, where a hand-off to the thread would cost more.
 
     Large buffers are written in slices, and the kernel is asked to start writing each slice to the
-    disk right away (:func:`~preemptible.fsutil.start_writeback`), so that the disk works while the
+    disk right away (:func:`~preemptible.core.fsutil.start_writeback`), so that the disk works while the
     serializer produces the rest instead of all at once in the final ``fsync``.
     """
 

@@ -14,7 +14,7 @@ import time
 from datetime import datetime
 from typing import Callable, Optional
 
-from preemptible.environment import JobEnvironment
+from preemptible.core.environment import JobEnvironment
 
 
 def parse_slurm_time(text: str) -> Optional[float]:

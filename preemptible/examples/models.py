@@ -96,5 +96,5 @@ class BlobsData(pl.LightningDataModule):
 
 
 def example_factory(samples: int = 256, batch_size: int = 16, num_workers: int = 0) -> tuple[Any, Any, dict[str, Any]]:
-    """A factory for ``preemptible check preemptible.examples:example_factory``."""
+    """A factory for ``preemptible check preemptible.examples.models:example_factory``."""
     return TinyModel(), BlobsData(samples=samples, batch_size=batch_size, num_workers=num_workers), {"limit_val_batches": 0}

@@ -11,9 +11,12 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from preemptible.environment import JobEnvironment
+from preemptible.core.environment import JobEnvironment
+from preemptible.core.schema import check_event, read_events
+
+__all__ = ["Journal", "read_events"]
 
 
 class Journal:
@@ -25,6 +28,8 @@ class Journal:
         self.rank = self.env.global_rank if rank is None else rank
 
     def append(self, event: str, **fields: Any) -> None:
+        """Append one event; its name and fields must be those of :mod:`preemptible.core.schema`."""
+        check_event(event, fields)
         record = {
             "event": event,
             "time": time.time(),
@@ -43,17 +48,3 @@ class Journal:
         finally:
             os.close(fd)
 
-
-def read_events(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Yield the journal's events in order, skipping a torn or garbled line."""
-    p = Path(path)
-    if not p.exists():
-        return
-    with open(p, "rb") as f:
-        for raw in f:
-            try:
-                obj = json.loads(raw)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                yield obj

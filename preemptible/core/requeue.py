@@ -6,7 +6,7 @@ part of the checkpoint. The backend is chosen from the environment when ``requeu
 * ``slurm``: ``scontrol requeue <job>`` (``ARRAYID_TASKID`` for array tasks). Needed because a
   job that exits by itself during the grace period is *not* requeued by SLURM.
 * ``submitit``: as submitit would (``scontrol requeue`` on SLURM, the exit code 144 that its
-  ``LocalExecutor`` relaunches on), after every rank has saved (see :mod:`preemptible.submitit`).
+  ``LocalExecutor`` relaunches on), after every rank has saved (see :mod:`preemptible.scheduler.submitit`).
 * ``local``: nothing to call; the exit code :data:`~preemptible.REQUEUE_EXIT_CODE` tells
   ``preemptible run`` (or submitit's ``LocalExecutor``) to relaunch.
 * ``none``: never requeue (the checkpoint is still written).
@@ -18,7 +18,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from preemptible.environment import JobEnvironment
+from preemptible.core.environment import JobEnvironment
 
 BACKENDS = ("auto", "slurm", "submitit", "local", "none")
 

@@ -40,10 +40,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from preemptible.exit import REQUEUE_EXIT_CODE
-from preemptible.journal import read_events
-from preemptible.rundir import RunDirectory, read_progress
-from preemptible.store import InvalidCheckpoint, StoredCheckpoint
+from preemptible.core.exit import REQUEUE_EXIT_CODE
+from preemptible.core.journal import read_events
+from preemptible.core.rundir import RunDirectory, read_progress
+from preemptible.core.store import InvalidCheckpoint, StoredCheckpoint
 
 #: Run states reported by :func:`summarize`.
 STATES = ("running", "preempted", "finished", "failed", "unknown")

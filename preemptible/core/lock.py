@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from preemptible.fsutil import pid_alive
+from preemptible.core.fsutil import pid_alive
 
 
 class RunLockedError(RuntimeError):

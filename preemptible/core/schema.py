@@ -1,0 +1,240 @@
+"""Every record preemptible writes, defined once: journal events, ``run.json``, commit records, step traces.
+
+Writers and readers (the session, the Lightning layer, ``status``/``report``, the simulator, ``check``,
+the demo, the benchmarks and the tests) all use these names, so a field renamed here is renamed
+everywhere, and :meth:`preemptible.core.journal.Journal.append` refuses an event or field that is
+not listed below instead of letting a typo reach the run directory.
+
+Nothing here imports torch or Lightning: the operator tools read run directories without them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+# ------------------------------------------------------------------------------------------------
+# Journal events (``events.jsonl``, one JSON object per line)
+# ------------------------------------------------------------------------------------------------
+
+
+class Event:
+    """Event names. Each event carries :data:`COMMON_FIELDS` plus its own :data:`EVENT_FIELDS`."""
+
+    START = "start"  #: rank 0, at trainer set-up of a fresh run
+    RESUME = "resume"  #: rank 0, at trainer set-up of a run that continues from a checkpoint
+    TRAIN_START = "train_start"  #: rank 0, right before the first step of an attempt
+    PROGRESS = "progress"  #: rank 0, a sparse (time, step) series for timelines
+    SIGNAL = "signal"  #: every rank that received a preemption signal (once per attempt)
+    DEADLINE = "deadline"  #: rank 0, the job's end is too close for another save
+    STOP_AGREED = "stop_agreed"  #: rank 0, all ranks agreed to stop at this step
+    STOP_CANCELLED = "stop_cancelled"  #: rank 0, training ended right after the emergency checkpoint
+    CHECKPOINT = "checkpoint"  #: rank 0, a checkpoint was committed
+    CHECKPOINT_SKIPPED = "checkpoint_skipped"  #: rank 0, an agreed periodic save was skipped
+    CHECKPOINT_FAILED = "checkpoint_failed"  #: rank 0, a background checkpoint write failed
+    REQUEUE = "requeue"  #: rank 0, what the requeue backend did
+    EXIT = "exit"  #: every rank, leaving with an exit code after a stop
+    FINISH = "finish"  #: rank 0, training reached its end
+
+
+#: Fields every event has, written by the journal itself.
+COMMON_FIELDS = ("event", "time", "job_id", "restart_count", "host", "rank", "pid")
+
+#: The fields of each event, beyond :data:`COMMON_FIELDS`.
+EVENT_FIELDS: dict[str, tuple[str, ...]] = {
+    Event.START: ("checkpoint", "world_size", "attempt", "backend"),
+    Event.RESUME: ("checkpoint", "world_size", "attempt", "backend"),
+    Event.TRAIN_START: ("step", "epoch"),
+    Event.PROGRESS: ("step", "epoch"),
+    Event.SIGNAL: ("signal", "count", "received_at", "step"),
+    Event.DEADLINE: ("step", "seconds_left", "needed"),
+    Event.STOP_AGREED: ("step", "reason"),
+    Event.STOP_CANCELLED: ("step", "reason"),
+    Event.CHECKPOINT: ("path", "step", "bytes", "seconds", "reason", "background", "signal_to_commit_seconds",
+                       "copy_seconds"),
+    Event.CHECKPOINT_SKIPPED: ("step", "reason"),
+    Event.CHECKPOINT_FAILED: ("step", "reason", "error"),
+    Event.REQUEUE: ("backend", "outcome", "detail", "error", "step"),
+    Event.EXIT: ("code", "reason", "step"),
+    Event.FINISH: ("step",),
+}
+
+#: Events that open an attempt.
+ATTEMPT_OPENERS = (Event.START, Event.RESUME)
+
+
+class RequeueOutcomeName:
+    """Values of the ``outcome`` field of :attr:`Event.REQUEUE`."""
+
+    REQUESTED = "requested"
+    NONE = "none"
+    FAILED = "failed"
+    LIMIT_REACHED = "limit_reached"
+
+
+def check_event(event: str, fields: dict[str, Any]) -> None:
+    """Raise ``ValueError`` for an event name or field that is not part of the schema."""
+    known = EVENT_FIELDS.get(event)
+    if known is None:
+        raise ValueError(f"unknown journal event {event!r}: add it to preemptible.core.schema.EVENT_FIELDS")
+    unknown = [name for name in fields if name not in known]
+    if unknown:
+        raise ValueError(f"journal event {event!r} has no field(s) {unknown}: known are {list(known)} "
+                         "(preemptible.core.schema.EVENT_FIELDS)")
+
+
+def read_events(path: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Yield a journal's events in order, skipping a torn or garbled line (the one events reader)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / JOURNAL_FILE
+    if not p.exists():
+        return
+    with open(p, "rb") as f:
+        for raw in f:
+            try:
+                obj = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                yield obj
+
+
+# ------------------------------------------------------------------------------------------------
+# The run directory's files and ``run.json``
+# ------------------------------------------------------------------------------------------------
+
+JOURNAL_FILE = "events.jsonl"
+RECORD_FILE = "run.json"
+PROGRESS_FILE = "progress.json"
+LOCK_FILE = "lock.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class RunRecordKey:
+    """Keys of ``run.json`` (written by global rank 0 only)."""
+
+    CREATED = "created"  #: unix time of the first write
+    ATTEMPTS = "attempts"  #: trainer set-ups so far
+    REQUEUES = "requeues"  #: requeues requested so far (the budget ``max_requeues`` counts)
+    STATUS = "status"  #: one of :class:`RunStatus`
+    WORLD_SIZE = "world_size"
+    LAST_PREEMPTED_STEP = "last_preempted_step"
+    FINISHED_STEP = "finished_step"
+    LOGGERS = "loggers"  #: ``"<index>:<LoggerClass>"`` → version (TensorBoard/CSV) or run id (W&B)
+
+
+class RunStatus:
+    """Values of ``run.json``'s ``status``, as written by the session."""
+
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+    REQUEUE_LIMIT = "requeue_limit"
+    REQUEUE_FAILED = "requeue_failed"
+
+
+# ------------------------------------------------------------------------------------------------
+# Commit records (``<checkpoint>.commit.json``)
+# ------------------------------------------------------------------------------------------------
+
+COMMIT_SUFFIX = ".commit.json"
+RECORD_FORMAT = 1
+
+
+@dataclass
+class CommitRecord:
+    """What is known about a committed checkpoint; stored as JSON next to it.
+
+    A checkpoint exists only once this record does (see :mod:`preemptible.core.store`).
+    ``extra`` holds the save's own timings: ``signal_at``, ``save_started_at``, ``background``,
+    ``copy_seconds``.
+    """
+
+    file: str
+    step: int
+    bytes: int
+    checksum: str  # "<algorithm>:<hex digest>" of the whole file, e.g. "crc32:1c291ca3"
+    epoch: int = 0
+    reason: str = ""
+    world_size: int = 1
+    time: float = 0.0
+    save_seconds: float = 0.0
+    job_id: Optional[str] = None
+    restart_count: int = 0
+    host: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    format: int = RECORD_FORMAT
+
+
+#: Reasons a checkpoint is written for that are not a stop (a stop's reason is its signal or "deadline").
+REASON_PERIODIC = "periodic"
+REASON_FINISHED = "finished"
+
+#: Where the adapters keep preemptible's own state inside a trainer checkpoint (Lightning: ``callbacks[...]``).
+STATE_KEY = "PreemptionCallback"
+#: Version of that state's layout: ``{"format", "ranks": [per-rank state], "gathered"}``.
+STATE_FORMAT = 1
+
+# ------------------------------------------------------------------------------------------------
+# Step traces (``tools.tracing.StepRecorder``; read by ``check``, the demo, benchmarks and tests)
+# ------------------------------------------------------------------------------------------------
+
+
+class TraceKind:
+    TRAIN = "train"  #: one training batch: loss (float.hex), optionally a weights digest
+    VAL = "val"  #: one validation batch outside the sanity check: loss
+    FINAL = "final"  #: at the end of fit, per rank: the digest of the final weights
+
+
+#: The fields of every trace line (``loss``/``weights`` depend on the kind).
+TRACE_FIELDS = ("kind", "rank", "epoch", "batch", "step", "attempt", "loss", "weights")
+
+TraceKey = tuple[str, int, int, Optional[int], int]
+
+
+@dataclass
+class Trace:
+    """A step trace read back: per-batch entries by ``(kind, rank, epoch, batch, step)``.
+
+    Attributes:
+        entries: the last entry for each batch key.
+        duplicates: keys seen more than once (a batch trained again after a resume).
+        final: rank → digest of its final weights.
+    """
+
+    entries: dict[TraceKey, dict[str, Any]] = field(default_factory=dict)
+    duplicates: list[TraceKey] = field(default_factory=list)
+    final: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def losses(self) -> dict[TraceKey, Any]:
+        return {key: entry.get("loss") for key, entry in self.entries.items()}
+
+
+def trace_key(entry: dict[str, Any]) -> TraceKey:
+    return (entry["kind"], entry["rank"], entry["epoch"], entry["batch"], entry["step"])
+
+
+def read_trace(path: str | os.PathLike[str]) -> Trace:
+    """Read a step trace (the one trace reader). A missing file is an empty trace."""
+    trace = Trace()
+    p = Path(path)
+    if not p.exists():
+        return trace
+    for line in p.read_text().splitlines():
+        if not line.strip():
+            continue
+        entry = json.loads(line)
+        if entry["kind"] == TraceKind.FINAL:
+            trace.final[entry["rank"]] = entry["weights"]
+            continue
+        key = trace_key(entry)
+        if key in trace.entries:
+            trace.duplicates.append(key)
+        trace.entries[key] = entry
+    return trace

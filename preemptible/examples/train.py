@@ -1,0 +1,155 @@
+"""``python -m preemptible.examples.train``: the example training job (tiny model, CPU) used by the demo,
+the tests and the SLURM examples. One command both starts and resumes the run.
+
+Example::
+
+    python -m preemptible.examples.train --run-dir runs/ex --max-steps 40 --devices 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m preemptible.examples.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run-dir", default=None, help="run directory (default: $PREEMPTIBLE_RUN_DIR or runs/$SLURM_JOB_ID)")
+    p.add_argument("--max-steps", type=int, default=40)
+    p.add_argument("--max-epochs", type=int, default=-1)
+    p.add_argument("--devices", type=int, default=1, help="processes (CPU ranks); >1 uses DDP over gloo")
+    p.add_argument("--num-nodes", type=int, default=1)
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--accumulate", type=int, default=1)
+    p.add_argument("--stateful-loader", action="store_true", help="torchdata's StatefulDataLoader instead of a plain DataLoader")
+    p.add_argument("--val-every", type=float, default=None, help="val_check_interval (batches if >1, fraction if <=1)")
+    p.add_argument("--onecycle", action="store_true", help="OneCycleLR sized by trainer.estimated_stepping_batches")
+    p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep in each training step")
+    p.add_argument("--slow-until-resumed", action="store_true", help="apply --step-sleep only before the first resume")
+    p.add_argument("--sanity-steps", type=int, default=0, help="validation batches in the sanity check (needs --val-every)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--record", default=None, help="append per-batch losses and final weights digest (JSON lines)")
+    p.add_argument("--signal-at", action="append", default=None, metavar="POINT",
+                   help="testing: the process sends itself SIGUSR1 at POINT ('N', 'N+' or 'vN', see "
+                        "preemptible.tools.testing.SignalAtStep); repeat for later attempts")
+    p.add_argument("--signal-rank", type=int, action="append", default=None, help="testing: only this rank signals itself")
+    p.add_argument("--requeue", default="auto")
+    p.add_argument("--loggers", default="", help="comma-separated: tensorboard,csv,wandb (written under --log-dir)")
+    p.add_argument("--log-dir", default="logs")
+    p.add_argument("--every-n-steps", type=int, default=None, help="periodic safety checkpoints every N steps")
+    p.add_argument("--every-n-minutes", type=float, default=None, help="periodic safety checkpoints every M minutes")
+    p.add_argument("--sync-periodic", action="store_true", help="write periodic checkpoints in the training thread")
+    p.add_argument("--deadline-in", type=float, default=None, metavar="SECONDS",
+                   help="testing: pretend the job is killed SECONDS after it starts (as SLURM's time limit)")
+    p.add_argument("--max-requeues", type=int, default=None)
+    return p
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Build the example trainer from parsed ``args``, fit (start or resume), return a summary."""
+    os.environ.setdefault("PL_DISABLE_FORK", "1")
+    import warnings
+
+    import pytorch_lightning as pl
+
+    from preemptible import PreemptionCallback
+    from preemptible.examples.models import BlobsData, TinyModel
+    from preemptible.tools.tracing import SignalAtStep, StepRecorder, state_digest
+
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*number of training batches.*")
+    pl.seed_everything(args.seed, workers=True, verbose=False)
+    import time
+
+    deadline = time.time() + args.deadline_in if args.deadline_in is not None else True
+    cb = PreemptionCallback(run_dir=args.run_dir, requeue=args.requeue, max_requeues=args.max_requeues,
+                            every_n_steps=args.every_n_steps, every_n_minutes=args.every_n_minutes,
+                            async_save=not args.sync_periodic, deadline=deadline)
+    resume = cb.resume_path()
+    # --slow-until-resumed: sleep in steps only until the first preemption (the relaunch runs at full speed).
+    sleep = args.step_sleep if not (args.slow_until_resumed and resume) else 0.0
+    model = TinyModel(step_sleep=sleep, onecycle=args.onecycle)
+    callbacks: list = [cb]
+    if args.record:
+        callbacks.append(StepRecorder(args.record))
+    if args.signal_at:
+        callbacks.append(SignalAtStep(args.signal_at, ranks=args.signal_rank))
+    data = BlobsData(samples=args.samples, batch_size=args.batch_size, num_workers=args.num_workers, stateful=args.stateful_loader)
+    val_kwargs: dict = {"limit_val_batches": 0}
+    if args.val_every is not None:
+        every = int(args.val_every) if args.val_every > 1 else args.val_every
+        val_kwargs = {"val_check_interval": every, "limit_val_batches": 2, "num_sanity_val_steps": args.sanity_steps}
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=args.devices,
+        num_nodes=args.num_nodes,
+        strategy="ddp" if args.devices * args.num_nodes > 1 else "auto",
+        max_steps=args.max_steps,
+        max_epochs=args.max_epochs,
+        accumulate_grad_batches=args.accumulate,
+        callbacks=callbacks,
+        logger=_loggers(args) or False,
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+        use_distributed_sampler=not args.stateful_loader,
+        **val_kwargs,
+    )
+    trainer.fit(model, datamodule=data, ckpt_path=resume)
+    if trainer.is_global_zero:
+        print(f"training finished at global step {trainer.global_step}", flush=True)
+    return {"global_step": trainer.global_step, "rank": trainer.global_rank, "weights": state_digest(model)}
+
+
+def _loggers(args: argparse.Namespace) -> list[Any]:
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    made: list[Any] = []
+    for name in filter(None, args.loggers.split(",")):
+        if name == "tensorboard":
+            made.append(TensorBoardLogger(args.log_dir, name="tb"))
+        elif name == "csv":
+            made.append(CSVLogger(args.log_dir, name="csv"))
+        elif name == "wandb":
+            made.append(WandbLogger(save_dir=args.log_dir, project="preemptible-example"))
+        else:
+            raise SystemExit(f"--loggers: unknown logger {name!r}; use tensorboard, csv or wandb")
+    return made
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    train(build_parser().parse_args(argv))
+    return 0
+
+
+def options_to_argv(**options: Any) -> list[str]:
+    """``max_steps=40, onecycle=True, signal_at=["3", "9"]`` → ``["--max-steps", "40", "--onecycle", ...]``.
+
+    ``True`` gives a bare flag, ``None``/``False`` nothing (but ``0`` is a value), a list or tuple one
+    flag per item.
+    """
+    argv: list[str] = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if v is True:
+                argv.append(flag)
+            elif v is not None and v is not False:
+                argv += [flag, str(v)]
+    return argv
+
+
+def train_from_options(**options: Any) -> dict[str, Any]:
+    """The same training from keyword options (``max_steps=40, devices=2, ...``), for submitit and notebooks."""
+    return train(build_parser().parse_args(options_to_argv(**options)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Scheduler integrations: SLURM (sbatch templates and their rendering) and submitit."""

@@ -1,0 +1,95 @@
+"""The submitit face of preemptible: ``PreemptibleTask``.
+
+::
+
+    import submitit
+    from preemptible.scheduler.submitit import PreemptibleTask
+
+    executor = submitit.AutoExecutor(folder="logs")
+    job = executor.submit(PreemptibleTask(train, cfg, run_dir="runs/exp1"))
+    job.result()   # train(cfg)'s return value, after any number of preemptions
+
+``train`` builds its own ``Trainer`` with a ``PreemptionCallback()`` (no arguments needed: the task
+exports ``PREEMPTIBLE_RUN_DIR``) and calls ``trainer.fit(..., ckpt_path=cb.resume_path())``.
+
+How the two libraries share the signal: submitit installs its handlers when the task starts
+(SIGUSR2 → checkpoint-and-requeue *inside the handler*, rank 0 only; SIGTERM/SIGCONT → log
+"Bypassing"). While ``trainer.fit`` runs, the callback's recording handlers replace them, so the
+emergency checkpoint is taken by the training loop at an agreed step on **all** ranks, and rank 0
+requeues (``scontrol requeue`` on SLURM; exit code 144, which submitit's ``LocalExecutor``
+relaunches, locally). submitit's own handler is back in place outside ``fit`` (data preparation,
+code after training); a signal there goes through :meth:`PreemptibleTask.checkpoint`, which
+resubmits the same task — it resumes from the run directory's newest checkpoint.
+
+Timeouts: submitit tells a timeout from a preemption by elapsed time only and spends its
+``max_num_timeout`` budget on each one it handles. Signals handled by preemptible during ``fit``
+never reach submitit's handler, so they are not spent from that budget; preemptible's own
+``max_requeues`` (counted from ``SLURM_RESTART_COUNT`` and ``run.json``) bounds requeue loops.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any, Callable, Optional
+
+import submitit
+
+__all__ = ["PreemptibleTask"]
+
+
+class PreemptibleTask(submitit.helpers.Checkpointable):
+    """A submitit callable that runs ``train_fn(*args, **kwargs)`` as a preemptible run.
+
+    Args:
+        train_fn: the training function; it creates the ``Trainer`` with a ``PreemptionCallback``.
+        run_dir: the run directory, shared by every requeue of the job (exported as ``PREEMPTIBLE_RUN_DIR``).
+        max_requeues: preemptible's requeue limit for this run (exported as ``PREEMPTIBLE_MAX_REQUEUES``).
+        distributed_env: for multi-task jobs outside SLURM (``LocalExecutor`` with ``tasks_per_node > 1``),
+            export ``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``, ``NODE_RANK`` and ``WORLD_SIZE`` from
+            submitit's job environment so that Lightning's DDP finds its peers. Under SLURM, Lightning reads
+            SLURM's variables itself and nothing is exported.
+    """
+
+    def __init__(self, train_fn: Callable[..., Any], *args: Any, run_dir: str | os.PathLike[str],
+                 max_requeues: Optional[int] = None, distributed_env: bool = True, **kwargs: Any) -> None:
+        if not callable(train_fn):
+            raise TypeError(f"PreemptibleTask needs a callable training function, got {type(train_fn).__name__}")
+        self.train_fn = train_fn
+        self.args = args
+        self.kwargs = kwargs
+        self.run_dir = os.fspath(run_dir)
+        self.max_requeues = max_requeues
+        self.distributed_env = distributed_env
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        os.environ["PREEMPTIBLE_RUN_DIR"] = os.path.abspath(self.run_dir)
+        if self.max_requeues is not None:
+            os.environ["PREEMPTIBLE_MAX_REQUEUES"] = str(self.max_requeues)
+        if self.distributed_env:
+            _export_distributed_env()
+        return self.train_fn(*(args or self.args), **(kwargs or self.kwargs))
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit's own handler when a signal arrives outside ``trainer.fit``.
+
+        Nothing needs saving there: the run directory already holds the newest checkpoint, and the
+        same task resumes from it.
+        """
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _export_distributed_env() -> None:
+    env = submitit.JobEnvironment()
+    if env.num_tasks <= 1 or os.environ.get("SLURM_JOB_ID"):
+        return  # one task, or SLURM: Lightning's SLURMEnvironment reads the ranks itself
+    port = os.environ.get("MASTER_PORT") or str(random.Random(env.job_id).randint(20000, 60000))
+    per_node = env.num_tasks // env.num_nodes
+    os.environ.update(
+        MASTER_ADDR=env.hostnames[0] if env.num_nodes > 1 else "127.0.0.1",
+        MASTER_PORT=port,
+        LOCAL_RANK=str(env.local_rank),
+        NODE_RANK=str(env.node),
+        WORLD_SIZE=str(env.num_tasks),
+        LOCAL_WORLD_SIZE=str(per_node),
+    )

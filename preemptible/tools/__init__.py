@@ -1,0 +1,1 @@
+"""Operator and testing tools: the local simulator, pytest helpers, ``check``, run reports."""
