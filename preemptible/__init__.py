@@ -18,12 +18,16 @@ from preemptible.core.exit import REQUEUE_EXIT_CODE, Preempted, RequeueLimitReac
 from preemptible.core.store import CheckpointError, InvalidCheckpoint
 
 if TYPE_CHECKING:
+    from preemptible.core.config import SessionConfig
+    from preemptible.core.session import PreemptionSession
     from preemptible.lightning.callback import PreemptionCallback
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PreemptionCallback",
+    "PreemptionSession",
+    "SessionConfig",
     "Preempted",
     "RequeueLimitReached",
     "REQUEUE_EXIT_CODE",
@@ -51,4 +55,12 @@ def __getattr__(name: str) -> Any:
         from preemptible.lightning.callback import PreemptionCallback
 
         return PreemptionCallback
+    if name == "PreemptionSession":  # the trainer-neutral core (imports torch, not Lightning)
+        from preemptible.core.session import PreemptionSession
+
+        return PreemptionSession
+    if name == "SessionConfig":
+        from preemptible.core.config import SessionConfig
+
+        return SessionConfig
     raise AttributeError(f"module 'preemptible' has no attribute {name!r}")

@@ -52,8 +52,10 @@ def test_run_dir_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_run_dir(None, _env(SLURM_JOB_ID="77")) == Path("runs/77")
     with pytest.raises(RunDirError, match="PREEMPTIBLE_RUN_DIR"):
         resolve_run_dir(None, _env())
+    # $PREEMPTIBLE_RUN_DIR beats the SLURM default; it is read where every variable is (JobEnvironment).
+    assert resolve_run_dir(None, _env(SLURM_JOB_ID="77", PREEMPTIBLE_RUN_DIR="/from/env")) == Path("/from/env")
     monkeypatch.setenv("PREEMPTIBLE_RUN_DIR", "/from/env")
-    assert resolve_run_dir(None, _env(SLURM_JOB_ID="77")) == Path("/from/env")
+    assert resolve_run_dir(None) == Path("/from/env")
 
 
 def test_already_requeued_job_counts_as_requeued(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -27,8 +27,6 @@ class StopAgreement:
     (callers pass the signal number so that the reason travels with the decision).
     """
 
-    #: How many boundaries pass between a vote and the decision it affects.
-    latency_steps: int = 0
     #: Whether votes are reduced by :meth:`reduce_pending` between boundaries (distributed only).
     deferred: bool = False
 
@@ -43,6 +41,14 @@ class StopAgreement:
     def any(self, flag: bool) -> bool:
         """Blocking: whether ``flag`` holds on any rank. The stop vote in flight is left alone."""
         return flag
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Blocking: every rank's ``obj`` (picklable), in rank order. The stop vote in flight is left alone."""
+        return [obj]
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        """Blocking: rank ``src``'s ``obj`` on every rank."""
+        return obj
 
     def reduce_pending(self) -> None:
         """Deferred mode: reduce the vote cast at the last boundary now (see the distributed class)."""
@@ -67,8 +73,6 @@ class DistributedStopAgreement(StopAgreement):
     the trainer already makes, instead of one more running alongside training. With all cores busy
     (CPU training), an asynchronous collective has to wait for a core anyway, and then costs more.
     """
-
-    latency_steps = 1
 
     def __init__(self, group: Optional[Any] = None, every: int = 1) -> None:
         import torch.distributed as dist
@@ -143,10 +147,16 @@ class DistributedStopAgreement(StopAgreement):
         self._dist.all_reduce(tensor, op=self._dist.ReduceOp.MAX, group=self._group)
         return bool(tensor.item())
 
-    def barrier(self) -> None:
-        """Wait until every rank reaches this point (over the same CPU group)."""
-        self._collect()
-        self._dist.barrier(group=self._group)
+    def gather(self, obj: Any) -> list[Any]:
+        # Issued after the vote in flight on every rank, over the same CPU group, so the order matches everywhere.
+        out: list[Any] = [None] * self._dist.get_world_size(group=self._group)
+        self._dist.all_gather_object(out, obj, group=self._group)
+        return out
+
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        box = [obj]
+        self._dist.broadcast_object_list(box, src=src, group=self._group)
+        return box[0]
 
     def close(self) -> None:
         if self.deferred:

@@ -1,9 +1,24 @@
-"""What the job scheduler tells this process, read from explicit environment variables.
+"""What the job scheduler (and the user) tell this process, read from environment variables in one place.
 
 Kept free of Lightning and torch so that every other module (and a non-Lightning trainer) can use
-it. Variables read: ``SLURM_JOB_ID``, ``SLURM_ARRAY_JOB_ID``/``SLURM_ARRAY_TASK_ID``,
-``SLURM_RESTART_COUNT``, ``SLURM_PROCID``, ``RANK``, ``SUBMITIT_FOLDER``, ``PREEMPTIBLE_RUN_DIR``,
-``PREEMPTIBLE_MAX_REQUEUES``, ``PREEMPTIBLE_ATTEMPT`` (set by ``preemptible run``).
+it. No other module of preemptible reads these variables itself:
+
+========================================  ====================================================
+variable                                  field
+========================================  ====================================================
+``SLURM_JOB_ID``                          :attr:`JobEnvironment.slurm_job_id`
+``SLURM_ARRAY_JOB_ID``/``_TASK_ID``       :attr:`~JobEnvironment.slurm_array_job_id`, ``..._task_id``
+``SLURM_RESTART_COUNT``                   :attr:`~JobEnvironment.slurm_restart_count`
+``RANK``, else ``SLURM_PROCID``           :attr:`~JobEnvironment.global_rank`
+``LOCAL_RANK``, else ``SLURM_LOCALID``    :attr:`~JobEnvironment.local_rank`
+``SUBMITIT_FOLDER``/``SUBMITIT_EXECUTOR`` :attr:`~JobEnvironment.under_submitit`
+``PREEMPTIBLE_ATTEMPT``                   :attr:`~JobEnvironment.local_attempt` (set by ``preemptible run``)
+``PREEMPTIBLE_RUN_DIR``                   :attr:`~JobEnvironment.run_dir`
+``PREEMPTIBLE_MAX_REQUEUES``              :attr:`~JobEnvironment.max_requeues`
+``PREEMPTIBLE_SIGNAL_LEAD``               :attr:`~JobEnvironment.signal_lead` (set by the sbatch templates)
+``PREEMPTIBLE_PROGRESS_INTERVAL``         :attr:`~JobEnvironment.progress_interval` (seconds, default 1)
+``PREEMPTIBLE_PROGRESS_EVENT_SECONDS``    :attr:`~JobEnvironment.progress_event_seconds` (default 30)
+========================================  ====================================================
 """
 
 from __future__ import annotations
@@ -26,6 +41,12 @@ class JobEnvironment:
     local_attempt: int
     under_submitit: bool
     host: str
+    local_rank: int = 0
+    run_dir: str | None = None
+    max_requeues: int | None = None
+    signal_lead: float | None = None
+    progress_interval: float = 1.0
+    progress_event_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "JobEnvironment":
@@ -40,7 +61,18 @@ class JobEnvironment:
             local_attempt=_int(env.get("PREEMPTIBLE_ATTEMPT"), 0),
             under_submitit=bool(env.get("SUBMITIT_FOLDER") or env.get("SUBMITIT_EXECUTOR")),
             host=socket.gethostname(),
+            local_rank=_int(env.get("LOCAL_RANK") or env.get("SLURM_LOCALID"), 0),
+            run_dir=env.get("PREEMPTIBLE_RUN_DIR") or None,
+            max_requeues=_int_or_none(env.get("PREEMPTIBLE_MAX_REQUEUES"), "PREEMPTIBLE_MAX_REQUEUES"),
+            signal_lead=_float(env.get("PREEMPTIBLE_SIGNAL_LEAD"), None),
+            progress_interval=_float(env.get("PREEMPTIBLE_PROGRESS_INTERVAL"), 1.0) or 0.0,
+            progress_event_seconds=_float(env.get("PREEMPTIBLE_PROGRESS_EVENT_SECONDS"), 30.0) or 0.0,
         )
+
+    @property
+    def is_global_zero(self) -> bool:
+        """Global rank 0 (local rank 0 of node 0): the process that writes run-wide records."""
+        return self.global_rank == 0 and self.local_rank == 0
 
     @property
     def under_slurm(self) -> bool:
@@ -66,5 +98,21 @@ class JobEnvironment:
 def _int(value: str | None, default: int) -> int:
     try:
         return int(value) if value not in (None, "") else default
+    except ValueError:
+        return default
+
+
+def _int_or_none(value: str | None, name: str) -> int | None:
+    if not value:  # None or ""
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not a whole number; set it to e.g. 50, or unset it") from None
+
+
+def _float(value: str | None, default: float | None) -> float | None:
+    try:
+        return float(value) if value else default  # None or "": the default
     except ValueError:
         return default

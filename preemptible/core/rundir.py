@@ -25,10 +25,9 @@ class RunDirError(RuntimeError):
 def resolve_run_dir(run_dir: str | os.PathLike[str] | None = None, env: JobEnvironment | None = None) -> Path:
     if run_dir is not None:
         return Path(run_dir)
-    from_env = os.environ.get("PREEMPTIBLE_RUN_DIR")
-    if from_env:
-        return Path(from_env)
     env = env or JobEnvironment.from_env()
+    if env.run_dir:
+        return Path(env.run_dir)
     if env.under_slurm and env.requeue_job_id:
         return Path("runs") / env.requeue_job_id
     raise RunDirError(
@@ -90,9 +89,9 @@ class ProgressFile:
     ``preemptible run --preempt-at-step`` sets 0 to follow every step). No fsync: it is a hint.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, interval: float | None = None) -> None:
         self.path = path
-        self.interval = float(os.environ.get("PREEMPTIBLE_PROGRESS_INTERVAL", "1"))
+        self.interval = JobEnvironment.from_env().progress_interval if interval is None else interval
         self._last = 0.0
 
     def report(self, step: int, epoch: int, force: bool = False) -> bool:

@@ -107,10 +107,6 @@ class SignalRecorder:
     def installed(self) -> bool:
         return bool(self._previous)
 
-    def is_active(self) -> bool:
-        """Whether our handler is the one in place for every signal (someone may have replaced it)."""
-        return all(signal.getsignal(s) == self._handle for s in self.signals)
-
     def install(self) -> None:
         """Put our handler in place; remember what was there the first time. Idempotent.
 
@@ -137,6 +133,10 @@ class SignalRecorder:
 
     def previous_handler(self, signum: int) -> Handler:
         return self._previous.get(signal.Signals(signum))
+
+    def previous_handlers(self) -> dict[int, Handler]:
+        """The handler found before ours for each signal (``SIG_DFL`` where there was none)."""
+        return {s: self.previous_handler(s) or signal.SIG_DFL for s in self.signals}
 
     def restore(self) -> None:
         """Put back the handlers found at the first :meth:`install` (where ours is still in place)."""

@@ -10,7 +10,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from preemptible.core.store import COMMIT_SUFFIX, CheckpointError
+from preemptible.core.schema import COMMIT_SUFFIX, STATE_KEY, CommitRecordKey
+from preemptible.core.store import CheckpointError
 
 
 class CheckpointMismatch(CheckpointError):
@@ -55,9 +56,9 @@ def check_checkpoint_fits(path: str | os.PathLike[str], pl_module: "pl.Lightning
 def _world_size_of(path: Path, ckpt: dict[str, Any]) -> int | None:
     record = path.with_name(path.name + COMMIT_SUFFIX)
     try:
-        return int(json.loads(record.read_text())["world_size"])
+        return int(json.loads(record.read_text())[CommitRecordKey.WORLD_SIZE])
     except (OSError, ValueError, KeyError, TypeError):
         pass
-    state = (ckpt.get("callbacks") or {}).get("PreemptionCallback") or {}
+    state = (ckpt.get("callbacks") or {}).get(STATE_KEY) or {}
     ranks = state.get("ranks")
     return len(ranks) if isinstance(ranks, list) and state.get("gathered") else None

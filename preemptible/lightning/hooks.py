@@ -1,15 +1,98 @@
-"""The few places where preemptible reaches into Lightning's private objects, kept in one module.
+"""Every place where preemptible reaches into Lightning's private objects, kept in one module.
 
-Each function degrades to a no-op (returning ``False``) when the attribute it needs is missing,
-so a Lightning release that moves things loses a refinement, not the whole callback.
+Each access names the Lightning version it was checked against (``checked: 2.6``: pytorch-lightning
+2.6.x) and degrades (returning ``False``/``None``, with a warning where a refinement is lost) when
+the attribute it needs is missing, so a Lightning release that moves things loses a refinement, not
+the whole callback. Nothing else under ``preemptible/`` touches a private Lightning attribute.
 """
 
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any, Callable
 
 import pytorch_lightning as pl
+
+CHECKED_AGAINST = "2.6"
+
+
+def _moved(what: str) -> None:
+    warnings.warn(f"preemptible: this Lightning version has no {what} (checked against {CHECKED_AGAINST}); "
+                  "falling back, see preemptible/lightning/hooks.py", stacklevel=3)
+
+
+def dump_checkpoint(trainer: "pl.Trainer") -> dict[str, Any]:
+    """The full training checkpoint, as ``trainer.save_checkpoint`` would write it, without writing it.
+
+    checked: 2.6 — ``trainer._checkpoint_connector.dump_checkpoint(weights_only=False)``; the public
+    ``save_checkpoint`` offers no way to get the dict and stream it into the store's temp file.
+    """
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    dump = getattr(connector, "dump_checkpoint", None)
+    if dump is None:
+        raise RuntimeError(f"preemptible: this Lightning version has no trainer._checkpoint_connector.dump_checkpoint "
+                           f"(checked against {CHECKED_AGAINST}); please report it with your Lightning version")
+    return dump(weights_only=False)
+
+
+def validation_due(trainer: "pl.Trainer") -> bool:
+    """Whether the fit loop runs validation right after the batch that just ended.
+
+    checked: 2.6 — ``fit_loop.epoch_loop._should_check_val_fx(fit_loop._data_fetcher)``. When it
+    moved, ``False``: the stop is then taken before that validation (still exact for training, the
+    validation metrics of that step come from the resumed run).
+    """
+    epoch_loop = trainer.fit_loop.epoch_loop
+    fetcher = getattr(trainer.fit_loop, "_data_fetcher", None)
+    check = getattr(epoch_loop, "_should_check_val_fx", None)
+    if check is None:
+        _moved("fit_loop.epoch_loop._should_check_val_fx")
+        return False
+    if fetcher is None or not trainer.enable_validation:
+        return False
+    try:
+        return bool(check(fetcher))
+    except Exception:  # noqa: BLE001 - a private helper changed shape: save now rather than guess
+        _moved("fit_loop.epoch_loop._should_check_val_fx(data_fetcher) of the known signature")
+        return False
+
+
+def logger_experiment_created(logger: Any) -> bool:
+    """Whether a TensorBoard/CSV/W&B logger has already created its writer (checked: 2.6 — ``logger._experiment``)."""
+    return getattr(logger, "_experiment", None) is not None
+
+
+def close_logger_experiment(logger: Any) -> None:
+    """Close the writer a logger created and forget it, so the next use creates a new one (checked: 2.6)."""
+    experiment = getattr(logger, "_experiment", None)
+    if experiment is not None and hasattr(experiment, "close"):
+        experiment.close()
+    logger._experiment = None
+
+
+def set_logger_version(logger: Any, version: Any) -> None:
+    """Point a TensorBoard/CSV logger at ``version`` before it creates its writer (checked: 2.6 — ``logger._version``)."""
+    logger._version = version
+
+
+def replace_batch_sampler(loader: Any, batch_sampler: Any) -> None:
+    """Give a ``torch.utils.data.DataLoader`` another batch sampler after construction.
+
+    ``DataLoader.__setattr__`` refuses to re-assign ``batch_sampler`` once iterated set-up is done
+    (checked: torch 2.13); the replacement yields the same index lists, so bypassing that guard does
+    not change what the loader sees. Not Lightning's, but a private rule all the same: kept here.
+    """
+    object.__setattr__(loader, "batch_sampler", batch_sampler)
+
+
+def mark_loader_resumable(loader: Any) -> None:
+    """Make Lightning treat ``loader`` as stateful without warning (checked: 2.6 — it probes ``state_dict``).
+
+    The real per-rank position travels in preemptible's own state, so these two are placeholders.
+    """
+    loader.state_dict = lambda: {"kept_by": "preemptible"}
+    loader.load_state_dict = lambda state: None
 
 
 def disable_lightning_auto_requeue(trainer: "pl.Trainer") -> bool:
@@ -18,7 +101,7 @@ def disable_lightning_auto_requeue(trainer: "pl.Trainer") -> bool:
     Lightning's handler saves a checkpoint *inside* the signal handler (a collective: it deadlocks
     when the signal reaches only some ranks) and then keeps training.
     """
-    from lightning_fabric.plugins.environments import SLURMEnvironment
+    from lightning_fabric.plugins.environments import SLURMEnvironment  # public; auto_requeue is public too
 
     env = getattr(trainer.strategy, "cluster_environment", None)
     if isinstance(env, SLURMEnvironment) and env.auto_requeue:
@@ -32,6 +115,7 @@ def after_lightning_installs_handlers(trainer: "pl.Trainer", reinstall: Callable
 
     Lightning replaces the SIGTERM handler when the fit stage starts with one that broadcasts a
     tensor from inside the handler and kills child processes. We put ours back at once.
+    checked: 2.6 — ``trainer._signal_connector.register_signal_handlers``.
     """
     connector = getattr(trainer, "_signal_connector", None)
     register = getattr(connector, "register_signal_handlers", None)
@@ -58,7 +142,7 @@ def replace_lightning_sigterm_broadcast(trainer: "pl.Trainer", replacement: Call
     the whole fit, so the broadcast would only ever carry 0. The callback reduces its stop votes in
     that slot instead: the same number of collectives as without preemptible. Only call this when
     SIGTERM is one of the callback's signals, on every rank alike; undone by
-    :func:`restore_lightning_sigterm_broadcast`.
+    :func:`restore_lightning_sigterm_broadcast`. checked: 2.6 — ``_TrainingEpochLoop._broadcast_sigterm_tensor``.
     """
     loop = getattr(getattr(trainer, "fit_loop", None), "epoch_loop", None)
     if loop is None or not callable(getattr(type(loop), "_broadcast_sigterm_tensor", None)):
@@ -79,7 +163,10 @@ def restore_lightning_sigterm_broadcast(trainer: "pl.Trainer") -> None:
 
 
 def keep_handlers_through_teardown(trainer: "pl.Trainer", handlers: dict[int, Any]) -> None:
-    """Make Lightning's signal-connector teardown put ``handlers`` back instead of the pre-fit ones."""
+    """Make Lightning's signal-connector teardown put ``handlers`` back instead of the pre-fit ones.
+
+    checked: 2.6 — ``trainer._signal_connector._original_handlers``.
+    """
     saved = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
     if isinstance(saved, dict):
         saved.update(handlers)
@@ -88,7 +175,10 @@ def keep_handlers_through_teardown(trainer: "pl.Trainer", handlers: dict[int, An
 def intercept_train_loader_setup(trainer: "pl.Trainer", prepare: Callable[[list[Any]], None],
                                  after_load: Callable[[list[Any]], None]) -> bool:
     """Call ``prepare(loaders)`` each time the fit loop has built its train loaders, and ``after_load(loaders)``
-    once Lightning has given them the (rank 0) loader state from the checkpoint, before it iterates them."""
+    once Lightning has given them the (rank 0) loader state from the checkpoint, before it iterates them.
+
+    checked: 2.6 — ``fit_loop._load_combined_loader_states`` and ``fit_loop._combined_loader.flattened``.
+    """
     fit_loop = trainer.fit_loop
     load_states = getattr(fit_loop, "_load_combined_loader_states", None)
     if load_states is None or getattr(load_states, "_preemptible", False):
@@ -108,7 +198,10 @@ def intercept_train_loader_setup(trainer: "pl.Trainer", prepare: Callable[[list[
 
 
 def lightning_spawned_children(trainer: "pl.Trainer") -> list[Any]:
-    """The rank processes Lightning's script launcher started from this process (empty elsewhere)."""
+    """The rank processes Lightning's script launcher started from this process (empty elsewhere).
+
+    checked: 2.6 — ``strategy.launcher.procs``.
+    """
     launcher = getattr(trainer.strategy, "launcher", None)
     return list(getattr(launcher, "procs", None) or [])
 
@@ -119,10 +212,13 @@ def let_children_exit_first(children: list[Any], timeout: float) -> None:
     Lightning's child-process observer SIGKILLs the parent as soon as a child exits with a
     non-zero code, which the requeue code is. We empty its watch list (its own "all finished"
     path) and wait for the children ourselves, so the parent's exit code reaches the supervisor.
+    checked: 2.6 — the thread named ``child-process-observer`` and its ``_child_processes``.
     """
+    if not children:
+        return
     for thread in threading.enumerate():
         if thread.name == "child-process-observer" and hasattr(thread, "_child_processes"):
-            thread._child_processes = []  # type: ignore[attr-defined]
+            thread._child_processes = []
     for proc in children:
         try:
             proc.wait(timeout=timeout)

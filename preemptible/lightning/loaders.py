@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from preemptible.core.data import ResumableBatches, SeedingWorkerInit
 from preemptible.core.rng import restore_rng
+from preemptible.lightning import hooks
 
 
 class LoaderTracker:
@@ -70,15 +71,12 @@ class LoaderTracker:
         if isinstance(dl.batch_sampler, ResumableBatches):
             return dl.batch_sampler
         wrapper = ResumableBatches(dl.batch_sampler, in_process=dl.num_workers == 0)
-        # DataLoader refuses to re-assign batch_sampler after construction; the wrapper yields the same
-        # index lists, so bypassing that guard does not change what the loader sees.
-        object.__setattr__(dl, "batch_sampler", wrapper)
+        hooks.replace_batch_sampler(dl, wrapper)
         if dl.num_workers > 0 and not isinstance(dl.worker_init_fn, SeedingWorkerInit):
             dl.worker_init_fn = SeedingWorkerInit(dl.worker_init_fn)
         # Lightning asks whether the loader is resumable to decide whether to warn; the real state is per
-        # rank and travels in the callback's state, so these two are placeholders.
-        dl.state_dict = lambda: {"kept_by": "preemptible"}
-        dl.load_state_dict = lambda state: None
+        # rank and travels in the callback's state.
+        hooks.mark_loader_resumable(dl)
         return wrapper
 
     def _warn_inexact(self, what: str) -> None:

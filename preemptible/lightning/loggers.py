@@ -25,6 +25,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from preemptible.core.rundir import RunDirectory
+from preemptible.core.schema import RunRecordKey
+from preemptible.lightning import hooks
 
 
 def _key(index: int, logger: Any) -> str:
@@ -35,7 +37,7 @@ def export_wandb_run_id(run: RunDirectory) -> None:
     """Before the Trainer creates a W&B run: continue the recorded one, or fix the id of a new one."""
     if os.environ.get("WANDB_RUN_ID"):
         return  # the user's own choice
-    saved = [v for k, v in (run.read_record().get("loggers") or {}).items() if k.endswith(":WandbLogger")]
+    saved = [v for k, v in (run.read_record().get(RunRecordKey.LOGGERS) or {}).items() if k.endswith(":WandbLogger")]
     os.environ["WANDB_RUN_ID"] = str(saved[0]) if saved else uuid.uuid4().hex[:8]
     os.environ.setdefault("WANDB_RESUME", "allow")
 
@@ -47,29 +49,26 @@ def keep_logger_versions(trainer: "pl.Trainer", run: RunDirectory) -> dict[str, 
         return {}
     decided: dict[str, Any] = {}
     if trainer.is_global_zero:
-        saved = run.read_record().get("loggers") or {}
+        saved = run.read_record().get(RunRecordKey.LOGGERS) or {}
         for i, logger in loggers:
             key = _key(i, logger)
             if key in saved and not isinstance(logger, WandbLogger) and logger.version != saved[key]:
                 _move_back(logger, saved[key])
             decided[key] = logger.version
         if decided != saved:
-            run.update_record(loggers={**saved, **decided})
+            run.update_record(**{RunRecordKey.LOGGERS: {**saved, **decided}})
     decided = trainer.strategy.broadcast(decided)
     for i, logger in loggers:
         key = _key(i, logger)
-        if not isinstance(logger, WandbLogger) and key in decided and getattr(logger, "_experiment", None) is None:
-            logger._version = decided[key]
+        if not isinstance(logger, WandbLogger) and key in decided and not hooks.logger_experiment_created(logger):
+            hooks.set_logger_version(logger, decided[key])
     return decided
 
 
 def _move_back(logger: Any, version: Any) -> None:
     fresh = Path(logger.log_dir)
-    experiment = getattr(logger, "_experiment", None)
-    if experiment is not None and hasattr(experiment, "close"):
-        experiment.close()
-    logger._experiment = None
-    logger._version = version
+    hooks.close_logger_experiment(logger)
+    hooks.set_logger_version(logger, version)
     _remove_if_just_made(fresh)
     if isinstance(logger, CSVLogger):
         # A new CSV writer deletes an existing metrics.csv ("previous log files will be deleted"):

@@ -1,0 +1,422 @@
+"""The trainer-neutral preemption session: record → agree → checkpoint → requeue → resume.
+
+A :class:`PreemptionSession` is what every adapter drives (the Lightning callback, a plain PyTorch
+loop): it owns the signal handlers that only record, resume discovery and validation, the run
+lock, the votes and the agreement, the pending stop, the two-phase save through the store, the
+journal and ``run.json``, the requeue request and leaving with :class:`~preemptible.Preempted`.
+The adapter tells it where the loop is (``open``/``start``/``training_started``/``boundary``/
+``validation_ended``/``training_ended``/``end``) and hands it a :class:`~preemptible.core.checkpointing.Snapshot`
+that dumps the trainer's state. It imports neither ``lightning`` nor ``pytorch_lightning``.
+
+A plain loop, on one process (see ``tests/test_plain_loop.py`` for the whole of it)::
+
+    session = PreemptionSession(SessionConfig(run_dir="runs/exp1"))
+    start = load(session.resume_path())            # your own torch.load; 0 on a fresh start
+    session.open(rank=0, world_size=1)
+    session.start(checkpoint=session.resumed_from)
+    session.training_started(step=start, epoch=0, loaded=session.resumed_from)
+    for step in range(start + 1, total + 1):
+        train_one_step()
+        session.boundary(step, epoch=0, snapshot=snapshot)
+        session.leave_if_stopped()                 # raises Preempted after the emergency checkpoint
+    session.training_ended(step, epoch=0, snapshot=snapshot)
+    session.finished(step)
+    session.end()
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from preemptible.core import votes
+from preemptible.core.agreement import StopAgreement, make_agreement
+from preemptible.core.checkpointing import BackgroundWriter, Snapshot, save_checkpoint
+from preemptible.core.config import SessionConfig
+from preemptible.core.environment import JobEnvironment
+from preemptible.core.exit import Preempted, RequeueLimitReached
+from preemptible.core.lock import RunLock, RunLockedError
+from preemptible.core.policy import (
+    PendingStop,
+    Stopped,
+    StopPolicy,
+    Wait,
+    deadline_from_setting,
+    last_save_seconds,
+    warn_if_lead_too_short,
+)
+from preemptible.core.requeue import RequeueError, select_backend
+from preemptible.core.rundir import ProgressFile, RunDirectory, resolve_run_dir
+from preemptible.core.schema import (
+    REASON_FINISHED,
+    REASON_PERIODIC,
+    Event,
+    RequeueOutcomeName,
+    RunRecordKey,
+    RunStatus,
+)
+from preemptible.core.signals import SignalRecorder
+from preemptible.core.store import StoredCheckpoint
+
+log = logging.getLogger(__name__)
+
+#: The exceptions a session raises to leave on purpose (the process exits with their code).
+LEAVING = (Preempted, RequeueLimitReached, RequeueError)
+
+
+class PreemptionSession:
+    """One process's part of a preemptible run. Every rank has one and calls it at the same points.
+
+    Args:
+        config: the settings (:class:`~preemptible.core.config.SessionConfig`); keyword arguments
+            build one when it is omitted.
+        env: the scheduler's view of this process (read from the environment when omitted).
+
+    Signals are recorded from construction on, so a SIGTERM during data preparation is acted on
+    when training starts.
+    """
+
+    def __init__(self, config: Optional[SessionConfig] = None, env: Optional[JobEnvironment] = None,
+                 **settings: Any) -> None:
+        self.config = config if config is not None else SessionConfig(**settings)
+        self.env = env or JobEnvironment.from_env()
+        self.signals = SignalRecorder(self.config.signals)
+        self.backend = select_backend(self.config.requeue, self.env)
+        self.policy = StopPolicy(self.config.every_n_steps, self.config.every_n_minutes,
+                                 deadline_from_setting(self.config.deadline, self.env))
+        self.background = BackgroundWriter(on_failure=self._background_failed)
+        self.agreement: StopAgreement = StopAgreement()
+        self.pending = PendingStop()
+        self.resumed_from: Optional[Path] = None
+        self.rank, self.world_size = 0, 1
+        self._run: Optional[RunDirectory] = None
+        self._lock: Optional[RunLock] = None
+        self._progress: Optional[ProgressFile] = None
+        self._loaded: Optional[Path] = None
+        self._start_step = self._last_step = -1
+        self._last_progress_event = time.monotonic()
+        self._signal_logged = False
+        self.active = False
+        self.signals.install()
+
+    # -- the run directory -------------------------------------------------------------------------
+    @property
+    def run(self) -> RunDirectory:
+        if self._run is None:
+            self._run = RunDirectory(resolve_run_dir(self.config.run_dir, self.env), keep=self.config.keep,
+                                     env=self.env, checksum=self.config.checksum)
+        return self._run
+
+    @property
+    def is_global_zero(self) -> bool:
+        return self.rank == 0
+
+    def resume_path(self) -> Optional[str]:
+        """The newest committed, valid checkpoint of this run, or ``None`` for a fresh start.
+
+        Invalid checkpoints are reported and moved to ``checkpoints/quarantine/`` by global rank 0
+        only; the previous valid one is returned. Call it on every rank: all get the same answer.
+        """
+        run = self.run
+        if self.env.is_global_zero:
+            run.store.clean_stale_temps()
+            run.store.quarantine_orphans()
+        found = run.store.latest_valid(checksum=self.config.verify == "checksum", quarantine=self.env.is_global_zero)
+        self.resumed_from = found.path if found else None
+        return str(found.path) if found else None
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def open(self, rank: int, world_size: int) -> None:
+        """Every rank, once the process group exists: the agreement and the run lock (rank 0 takes it)."""
+        self.active = True
+        self.rank, self.world_size = rank, world_size
+        self.policy.is_global_zero = self.is_global_zero
+        self.run.journal.rank = rank
+        self.agreement = make_agreement(world_size, every=self.config.agree_every_n_steps)
+        self._take_lock()
+        self.signals.install()
+
+    def start(self, checkpoint: Optional[str | Path]) -> None:
+        """Every rank, after the adapter's own checks: journal the start (or resume) and count the attempt."""
+        run = self.run
+        self._progress = ProgressFile(run.path / "progress.json", interval=self.env.progress_interval)
+        self.policy.save_seconds = last_save_seconds(run.store)
+        if self.is_global_zero:
+            run.store.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            warn_if_lead_too_short(self.env.signal_lead, self.policy.save_seconds)
+            run.journal.append(Event.RESUME if checkpoint else Event.START, checkpoint=str(checkpoint) if checkpoint else None,
+                               world_size=self.world_size, attempt=self.env.restart_count, backend=self.backend.name)
+            run.update_record(**{RunRecordKey.WORLD_SIZE: self.world_size, RunRecordKey.STATUS: RunStatus.RUNNING,
+                                 RunRecordKey.ATTEMPTS: int(run.read_record().get(RunRecordKey.ATTEMPTS, 0)) + 1})
+
+    def training_started(self, step: int, epoch: int, loaded: Optional[str | Path]) -> bool:
+        """Every rank, before the first step: a signal that came during set-up stops the run here.
+
+        ``loaded`` is the checkpoint the trainer actually restored. Returns whether the run is
+        stopping (then call :meth:`leave`): a blocking agreement, once per attempt, so all ranks leave together.
+        """
+        self.signals.install()
+        self._loaded = Path(loaded) if loaded else None
+        self._last_step = self._start_step = step
+        if self.is_global_zero:
+            self.run.journal.append(Event.TRAIN_START, step=step, epoch=epoch)
+            assert self._progress is not None
+            self._progress.report(step, epoch, force=True)
+        note = self.signals.note
+        self._journal_signal(step)
+        over_limit = self._over_requeue_limit()  # read before the agreement: rank 0 updates the record after it
+        decided = self.agreement.now(votes.for_signal(note.signum) if note else votes.NOTHING)
+        if not votes.is_stop(decided):
+            return False
+        self.pending.stopped(Stopped(step=step, reason=votes.reason(decided), checkpoint=self.resumed_from,
+                                     over_limit=over_limit))
+        if self.is_global_zero:
+            self.run.journal.append(Event.STOP_AGREED, step=step, reason=votes.reason(decided))
+        return True
+
+    # -- during training -----------------------------------------------------------------------------
+    def boundary(self, step: int, epoch: int, snapshot: Snapshot, *, epoch_ends: bool = False,
+                 validation_due: Callable[[], bool] = lambda: False) -> None:
+        """Every rank, after each batch: at an optimizer-step boundary, vote, agree, and act on the decision.
+
+        Args:
+            step: the global step (the number of optimizer steps so far). A batch that leaves it
+                unchanged is inside a gradient-accumulation window: never a stop there.
+            epoch_ends: this batch is the epoch's last; an agreed stop then waits for the next
+                boundary (some trainers cannot resume a checkpoint taken there exactly).
+            validation_due: asked only once a stop is agreed: whether the trainer validates right
+                after this batch; the stop then waits for :meth:`validation_ended`, as the
+                uninterrupted run would have validated first.
+        """
+        if step == self._last_step:
+            return
+        self._last_step = step
+        now = self.policy.note_boundary()
+        if self.is_global_zero:
+            self._report_progress(step, epoch, now)
+        decided = self.pending.take(Wait.NEXT_BOUNDARY)
+        if decided:
+            self._act(decided, snapshot, step, epoch)
+            return
+        decided = self.agreement.step(self._vote(step))
+        if not decided:
+            return
+        if epoch_ends:
+            self.pending.defer(decided, Wait.NEXT_BOUNDARY)
+        elif validation_due():
+            self.pending.defer(decided, Wait.VALIDATION_END)
+        else:
+            self._act(decided, snapshot, step, epoch)
+
+    def validation_ended(self, step: int, epoch: int, snapshot: Snapshot) -> None:
+        """Every rank, after a validation inside training: act on a stop that waited for it."""
+        decided = self.pending.take(Wait.VALIDATION_END)
+        if decided:
+            self._act(decided, snapshot, step, epoch)
+
+    @property
+    def stopping(self) -> bool:
+        """Whether the stop was taken and the ranks should leave (call :meth:`leave`)."""
+        return self.pending.stop is not None
+
+    def leave_if_stopped(self, before_exit: Callable[[], None] = lambda: None) -> None:
+        if self.stopping:
+            self.leave(before_exit)
+
+    def leave(self, before_exit: Callable[[], None] = lambda: None) -> None:
+        """Ask for the requeue (rank 0) and leave on every rank: raises :class:`Preempted` (or a limit/requeue error).
+
+        ``before_exit`` runs right before the exception (the Lightning adapter lets the rank
+        processes it launched exit first).
+        """
+        stop, run = self.pending.stop, self.run
+        assert stop is not None, "leave() without a stop"
+        step, path = stop.step, str(stop.checkpoint) if stop.checkpoint else None
+        if stop.over_limit:
+            # Every rank exits 1, so that no supervisor (srun takes the highest exit code) sees a requeue request.
+            message = (f"preemptible: requeue limit reached ({self.config.max_requeues} requeues used). Not requeueing; "
+                       f"the checkpoint at step {step} is kept ({path}). Resubmit by hand to continue, or raise "
+                       "max_requeues / PREEMPTIBLE_MAX_REQUEUES.")
+            if self.is_global_zero:
+                run.journal.append(Event.REQUEUE, backend=self.backend.name, outcome=RequeueOutcomeName.LIMIT_REACHED, step=step)
+                run.update_record(**{RunRecordKey.STATUS: RunStatus.REQUEUE_LIMIT})
+                print(message, flush=True)
+            run.journal.append(Event.EXIT, code=1, reason="requeue_limit", step=step)
+            before_exit()
+            raise RequeueLimitReached(message)
+        if self.is_global_zero:
+            try:
+                outcome = self.backend.request(self.env)
+            except RequeueError as exc:
+                run.journal.append(Event.REQUEUE, backend=self.backend.name, outcome=RequeueOutcomeName.FAILED,
+                                   error=str(exc), step=step)
+                run.update_record(**{RunRecordKey.STATUS: RunStatus.REQUEUE_FAILED})
+                print(f"preemptible: {exc}", flush=True)
+                before_exit()
+                raise
+            record = run.read_record()
+            run.update_record(**{RunRecordKey.STATUS: RunStatus.PREEMPTED,
+                                 RunRecordKey.REQUEUES: int(record.get(RunRecordKey.REQUEUES, 0)) + int(outcome.requested),
+                                 RunRecordKey.LAST_PREEMPTED_STEP: step})
+            run.journal.append(Event.REQUEUE, backend=outcome.backend, detail=outcome.detail, step=step,
+                               outcome=RequeueOutcomeName.REQUESTED if outcome.requested else RequeueOutcomeName.NONE)
+        preempted = Preempted(step=step, checkpoint=path, reason=stop.reason)
+        run.journal.append(Event.EXIT, code=preempted.code, reason=stop.reason, step=step)
+        print(f"preemptible: rank {self.rank} {preempted}", flush=True)
+        before_exit()
+        raise preempted
+
+    # -- the end ---------------------------------------------------------------------------------------
+    def training_ended(self, step: int, epoch: int, snapshot: Snapshot) -> None:
+        """Every rank, when the loop ran to its end: the final checkpoint (``save_on_finish``)."""
+        if self.pending.stop is not None:
+            if self.is_global_zero:
+                # Training reached its end right after the emergency checkpoint: nothing left to requeue for.
+                self.run.journal.append(Event.STOP_CANCELLED, step=step, reason="training finished")
+        elif self.config.save_on_finish and step != self._start_step:
+            self.background.wait()
+            self._save(snapshot, step, epoch, reason=REASON_FINISHED)
+        self.pending.clear()
+
+    def finished(self, step: int) -> None:
+        """Global rank 0 records that the run finished (other ranks: nothing)."""
+        if self.is_global_zero and self._run is not None:
+            self._run.journal.append(Event.FINISH, step=step)
+            self._run.update_record(**{RunRecordKey.STATUS: RunStatus.FINISHED, RunRecordKey.FINISHED_STEP: step})
+
+    def abandon(self, exception: BaseException) -> dict[int, Any]:
+        """Training ended with ``exception``: release the lock; returns the handlers to keep in place from here on.
+
+        After our own exit (:data:`LEAVING`) the preemption signals are ignored until the process is
+        gone (SLURM follows a requeue with SIGTERM to every task; a late one must not turn a clean
+        exit with the requeue code into a death by signal). After any other error the handlers from
+        before the session are put back.
+        """
+        self.active = False
+        if self._lock is not None:
+            self._lock.release()
+        if isinstance(exception, LEAVING):
+            self.signals.ignore_from_now_on()
+            return dict.fromkeys(self.signals.signals, signal.SIG_IGN)
+        handlers = self.signals.previous_handlers()
+        self.signals.restore()
+        return handlers
+
+    def end(self) -> None:
+        """Every rank, last: let a background write land (reporting a failure), close the agreement, restore handlers, unlock."""
+        self.active = False
+        self.background.wait()
+        self._report_background_failure()
+        self.agreement.close()
+        self.signals.restore()
+        if self._lock is not None:
+            self._lock.release()
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _journal_signal(self, step: int) -> None:
+        """Every rank that received a signal journals it once, at the first point it looks (never in the handler)."""
+        note = self.signals.note
+        if note is not None and not self._signal_logged:
+            self._signal_logged = True
+            self.run.journal.append(Event.SIGNAL, signal=note.name, count=note.count, received_at=note.first_at, step=step)
+
+    def _vote(self, step: int) -> int:
+        self._journal_signal(step)
+        vote = self.policy.vote(step, self.signals.note)
+        if vote == votes.DEADLINE:
+            deadline = self.policy.deadline
+            left = deadline.seconds_left() if deadline is not None else None
+            self.run.journal.append(Event.DEADLINE, step=step, seconds_left=round(left or 0.0, 1),
+                                    needed=round(self.policy.seconds_needed_to_stop(), 1))
+        return vote
+
+    def _report_progress(self, step: int, epoch: int, now: float) -> None:
+        assert self._progress is not None
+        if self._progress.report(step, epoch) and self._lock is not None:
+            self._lock.heartbeat()
+        if now - self._last_progress_event >= self.env.progress_event_seconds:
+            # A sparse (time, step) series in the journal, for timelines and goodput reports.
+            self._last_progress_event = now
+            self.run.journal.append(Event.PROGRESS, step=step, epoch=epoch)
+
+    def _act(self, decided: int, snapshot: Snapshot, step: int, epoch: int) -> None:
+        if votes.is_stop(decided):
+            self._emergency(decided, snapshot, step, epoch)
+        elif decided == votes.PERIODIC_SAVE:
+            self._periodic(snapshot, step, epoch)
+
+    def _periodic(self, snapshot: Snapshot, step: int, epoch: int) -> None:
+        self.policy.note_save()
+        # Only rank 0 writes in the background, so only it knows that its last write is still in flight;
+        # the save is a collective, so every rank must make the same choice.
+        if self.agreement.any(self.background.busy):
+            if self.is_global_zero:
+                log.warning("preemptible: the previous periodic checkpoint is still being written; skipping this one")
+                self.run.journal.append(Event.CHECKPOINT_SKIPPED, step=step,
+                                        reason="the previous background checkpoint is still being written")
+            return
+        self._save(snapshot, step, epoch, reason=REASON_PERIODIC, background=self.config.async_save)
+
+    def _emergency(self, decided: int, snapshot: Snapshot, step: int, epoch: int) -> None:
+        """Every rank, same step: write the emergency checkpoint; the adapter leaves at its next safe point."""
+        reason = votes.reason(decided)
+        self.background.wait()
+        # Every rank reads the requeue count before the save's collectives; rank 0 updates it only after them.
+        over_limit = self._over_requeue_limit()
+        if self.is_global_zero:
+            self.run.journal.append(Event.STOP_AGREED, step=step, reason=reason)
+        path = self.resumed_from
+        if not self._nothing_new_since_resume(step):
+            note = self.signals.note
+            stored = self._save(snapshot, step, epoch, reason=reason, signal_at=note.first_at if note else None)
+            path = stored.path if stored else None
+            if stored is not None and stored.record.save_seconds:
+                self.policy.save_seconds = stored.record.save_seconds
+        self.pending.stopped(Stopped(step=step, reason=reason, checkpoint=path, over_limit=over_limit))
+
+    def _save(self, snapshot: Snapshot, step: int, epoch: int, reason: str, signal_at: Optional[float] = None,
+              background: bool = False) -> Optional[StoredCheckpoint]:
+        """Every rank, same step: one checkpoint through the store (never pruning the one resumed from)."""
+        self._report_background_failure()
+        return save_checkpoint(self.run, self.agreement, snapshot, step=step, epoch=epoch, reason=reason,
+                               world_size=self.world_size, is_global_zero=self.is_global_zero,
+                               protect={self.resumed_from}, signal_at=signal_at,
+                               background=self.background if background else None)
+
+    def _background_failed(self, exc: BaseException, step: int) -> None:
+        # On the writer thread: journal it now, so that `preemptible status` shows it even if the process dies.
+        self.run.journal.append(Event.CHECKPOINT_FAILED, step=step, reason=REASON_PERIODIC, error=str(exc))
+
+    def _report_background_failure(self) -> None:
+        failure = self.background.take_failure()
+        if failure is not None:
+            warnings.warn(f"preemptible: {failure}", stacklevel=3)
+
+    def _take_lock(self) -> None:
+        """Global rank 0 takes the run directory's lock; every rank learns the outcome (no rank hangs)."""
+        error = None
+        if self.is_global_zero:
+            self.run.create()
+            self._lock = RunLock(self.run.path, job_id=self.env.job_id)
+            try:
+                taken_over = self._lock.acquire()
+                if taken_over and taken_over != "held by this process":
+                    log.info("preemptible: took over the run directory's lock: %s", taken_over)
+            except RunLockedError as exc:
+                self._lock, error = None, str(exc)
+        error = self.agreement.broadcast(error)
+        if error is not None:
+            raise RunLockedError(error)
+
+    def _over_requeue_limit(self) -> bool:
+        return self.run.requeues_so_far() >= self.config.requeue_limit
+
+    def _nothing_new_since_resume(self, step: int) -> bool:
+        # Stopped again before any step after resuming: the checkpoint we resumed from *is* the state.
+        return (self.resumed_from is not None and self._loaded is not None
+                and self._loaded.resolve() == self.resumed_from.resolve() and step == self._start_step)
+
