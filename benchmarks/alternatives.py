@@ -11,8 +11,9 @@ Contenders, all training the same model on the same data with the same seed:
   ``LocalExecutor``, signalled with SIGUSR2 (submitit's preemption signal), relaunched on exit 144.
 
 The first two run under a simulated SLURM: ``SLURM_*`` variables per task, a stub ``scontrol`` on
-``PATH`` that only records its call (and a stub ``squeue`` that does not know the job), and an emulated controller that, once ``scontrol requeue`` was
-called, sends SIGTERM to every task, SIGKILL after a short KillWait, and starts the job again with
+``PATH`` that only records its call (and a stub ``squeue`` that does not know the job), and an emulated
+controller that, once ``scontrol requeue`` was called, sends SIGTERM to every task, SIGKILL after a short
+KillWait, and starts the job again with
 ``SLURM_RESTART_COUNT`` incremented. Every run is bounded: a run that makes no progress for a while
 after the signal, without having asked for a requeue, is declared hung and killed.
 """
@@ -30,9 +31,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import submitit
+from common import BENCH_DIR, PYTHON, Context, Section, Table, child_env, free_port, launch, read_spec, secs
 
-from common import (BENCH_DIR, PYTHON, Context, Section, Table, child_env, free_port, launch, read_events,
-                    read_spec, secs)
+from preemptible.core.schema import JOURNAL_FILE, Event, read_events
 
 CONTENDERS = ["preemptible", "lightning", "submitit"]
 LABEL = {"preemptible": "preemptible", "lightning": "Lightning `SLURMEnvironment(auto_requeue=True)`",
@@ -60,10 +61,10 @@ def train(cfg: dict[str, Any], holder: Any = None) -> int:
     """One rank of the contender's training (the same model, data and seed for everyone)."""
     import pytorch_lightning as pl
     from lightning_fabric.plugins.environments import SLURMEnvironment
+    from workers import BallastModel, setup_process
 
     from preemptible.examples.models import BlobsData
     from preemptible.tools.tracing import state_digest
-    from workers import BallastModel, setup_process
 
     setup_process()
     record = cfg["record"]
@@ -265,15 +266,17 @@ def run_slurm_emulated(contender: str, cfg: dict[str, Any], wd: Path, sig: Optio
         job = launch([PYTHON, str(BENCH_DIR / "alternatives.py"), "worker", str(spec)], devices, env=env,
                      log=wd / f"log-{i}.txt", per_rank_env=lambda r: {"SLURM_PROCID": str(r), "SLURM_LOCALID": str(r)})
 
-        def requested() -> Optional[float]:
+        # These closures are all called by _watch within this iteration; the loop variables are bound as defaults
+        # to make that explicit.
+        def requested(sclog: Path = sclog) -> Optional[float]:
             try:
                 return float(sclog.read_text().split()[0])
             except (OSError, IndexError, ValueError):
                 return None
 
-        a = _watch(lambda: bool(job.alive()), tail, sig if i == 0 else None,
-                   lambda s: _timed(lambda: job.signal(s.signum, s.ranks)), requested,
-                   lambda: job.signal(signal.SIGTERM),  # scontrol requeue ends the running job: SIGTERM to every task
+        a = _watch(lambda job=job: bool(job.alive()), tail, sig if i == 0 else None,
+                   lambda s, job=job: _timed(lambda: job.signal(s.signum, s.ranks)), requested,
+                   lambda job=job: job.signal(signal.SIGTERM),  # scontrol requeue ends the running job: SIGTERM to every task
                    job.kill, hang_s, kill_wait, timeout)
         job.kill()
         a.exit_codes = [p.returncode for p in job.procs]
@@ -436,10 +439,11 @@ def identical(run: list[dict[str, Any]], reference: list[dict[str, Any]]) -> tup
     return True, f"all {len(want)} losses and the final weights"
 
 
-def save_time(contender: str, entries: list[dict[str, Any]], run_dir: Path, sent_at: Optional[float]) -> tuple[Optional[float], Optional[float]]:
+def save_time(contender: str, entries: list[dict[str, Any]], run_dir: Path,
+              sent_at: Optional[float]) -> tuple[Optional[float], Optional[float]]:
     """(signal sent → checkpoint written, duration of the save itself) for the first preemption."""
     if contender == "preemptible":
-        ev = [e for e in read_events(run_dir / "events.jsonl") if e.get("event") == "checkpoint" and e.get("rank") == 0]
+        ev = [e for e in read_events(run_dir / JOURNAL_FILE) if e.get("event") == Event.CHECKPOINT and e.get("rank") == 0]
         if not ev:
             return None, None
         return (ev[0]["time"] - sent_at if sent_at else None), ev[0]["seconds"]
@@ -474,7 +478,8 @@ def run(ctx: Context) -> Section:
     data: dict[str, Any] = {}
     base = {"mb": p["mb"], "max_steps": p["max_steps"], "step_sleep": p["step_sleep"], "seed": 1234}
 
-    def go(contender: str, name: str, devices: int, sig: Optional[Signal], relaunch: bool) -> tuple[list[Attempt], dict[str, Any]]:
+    def go(contender: str, name: str, devices: int, sig: Optional[Signal],
+           relaunch: bool) -> tuple[list[Attempt], dict[str, Any]]:
         wd = ctx.scratch(f"alt-{contender}-{name}")
         cfg = dict(base, contender=contender, devices=devices, run_dir=str(wd / "run"), record=str(wd / "record.jsonl"))
         (wd / "run").mkdir()
@@ -511,7 +516,7 @@ def run(ctx: Context) -> Section:
                            relaunch=False)
             results.append((target, atts[0].outcome))
         if results:
-            count = lambda pred: sum(1 for _, o in results if pred(o))  # noqa: E731
+            count = lambda pred, results=results: sum(1 for _, o in results if pred(o))  # noqa: E731
             clean = count(lambda o: o == "requeued")
             hung = count(lambda o: o == "hung")
             ignored = count(lambda o: "ignored" in o)
@@ -533,7 +538,8 @@ def run(ctx: Context) -> Section:
         section.findings.append(
             f"{LABEL[c]}: {', '.join(map(str, d['lost'])) or 'n/a'} step(s) lost, continuation "
             f"{'bitwise identical' if d['identical'] else 'not identical' if d['identical'] is not None else 'not checked'} "
-            f"({d['identical_detail']})" + (f"; one rank signalled: {d['hung']}/{len(d['trials'])} hung" if d.get("trials") else "")
+            f"({d['identical_detail']})"
+            + (f"; one rank signalled: {d['hung']}/{len(d['trials'])} hung" if d.get("trials") else "")
             + ".")
     section.findings.append(
         "Lightning's handler saves inside the signal handler, i.e. in the middle of whatever the step was doing, and "

@@ -58,7 +58,7 @@ class Table:
 
     def text(self) -> str:
         widths = [max(len(h), *(len(r[i]) for r in self.rows)) if self.rows else len(h) for i, h in enumerate(self.columns)]
-        fmt = "  ".join("{:<%d}" % w for w in widths)
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
         out = [self.title, fmt.format(*self.columns), fmt.format(*("-" * w for w in widths))]
         out += [fmt.format(*r) for r in self.rows]
         return "\n".join(out)
@@ -205,8 +205,8 @@ def free_port() -> int:
 
 def rank_env(rank: int, world_size: int, port: int) -> dict[str, str]:
     """torchrun-style variables: Lightning's environment sees processes created externally."""
-    return dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
-                LOCAL_RANK=str(rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(world_size))
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world_size), "RANK": str(rank),
+            "LOCAL_RANK": str(rank), "NODE_RANK": "0", "LOCAL_WORLD_SIZE": str(world_size)}
 
 
 @dataclass
@@ -296,7 +296,8 @@ def run_worker(module: str, spec: dict[str, Any], out: Path, world_size: int = 1
 def require(result: dict[str, Any], what: str, ok_codes: Iterable[int] = (0,)) -> dict[str, Any]:
     """Raise with the end of the log when a worker did not finish as expected."""
     codes = result.get("_exit_codes", [])
-    if result.get("_timed_out") or any(c not in set(ok_codes) for c in codes) or not any(k for k in result if not k.startswith("_")):
+    if (result.get("_timed_out") or any(c not in set(ok_codes) for c in codes)
+            or not any(k for k in result if not k.startswith("_"))):
         tail = ""
         try:
             tail = Path(result["_log"]).read_text(errors="replace")[-4000:]
@@ -317,19 +318,6 @@ def write_result(spec: dict[str, Any], result: dict[str, Any]) -> None:
     tmp = Path(spec["out"] + ".tmp")
     tmp.write_text(json.dumps(result, default=str))
     os.replace(tmp, spec["out"])
-
-
-def read_events(path: Path) -> list[dict[str, Any]]:
-    events = []
-    try:
-        for line in path.read_text().splitlines():
-            try:
-                events.append(json.loads(line))
-            except ValueError:
-                pass
-    except OSError:
-        pass
-    return events
 
 
 def dd_write(path: Path, nbytes: int) -> float:

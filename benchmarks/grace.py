@@ -9,7 +9,6 @@ state is the one whose predicted save time reaches 25 s. Nothing is launched her
 
 from __future__ import annotations
 
-
 from common import MB, Context, Section, Table, secs
 
 WINDOW = 25.0
@@ -23,7 +22,8 @@ def run(ctx: Context) -> Section:
     section = Section("grace", "6. The grace window (25 s of SLURM's default 30 s KillWait)", method=(
         "Extrapolated from the growth benchmark: a least-squares line through its signal → committed times "
         "(time = fixed + size ÷ rate) per world size, and, as a cautious second figure, the slowest throughput "
-        "measured at 100 MB or more (else at the largest size measured) with no fixed cost. The largest state is where the line reaches 25 s. "
+        "measured at 100 MB or more (else at the largest size measured) with no fixed cost. "
+        "The largest state is where the line reaches 25 s. "
         "The stop itself waits for the step in progress (one process) or one more step (DDP: the agreement is read a "
         "step later): subtract up to one or two of your step times from the 25 s."))
     growth = ctx.sections.get("growth")
@@ -50,8 +50,9 @@ def run(ctx: Context) -> Section:
     save = ctx.sections.get("save")
     lines = [
         f"On this machine an emergency save fits in 25 s up to about **{_gb(lowest)}** of checkpoint (the lower of the "
-        "two estimates over world sizes 1 and 2)." + (f" That is more than this machine's RAM ({_gb(ram_mb)}): "
-                                                       "here, memory, not the save, bounds the state." if lowest > ram_mb else ""),
+        "two estimates over world sizes 1 and 2)."
+        + (f" That is more than this machine's RAM ({_gb(ram_mb)}): here, memory, not the save, bounds the state."
+           if lowest > ram_mb else ""),
         "The extrapolation assumes the rate measured up to 1 GB holds further; page cache, a network filesystem or a "
         "disk shared with other jobs can lower it: measure on the cluster's checkpoint filesystem with "
         "`python benchmarks/run_all.py --only growth,grace --workdir <that filesystem>`.",

@@ -12,8 +12,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import (MB, Context, Section, Table, linear_fit, mbytes, median, paired_ratios, pct, rate, require,
-                    run_worker, secs, spread)
+from common import (
+    MB,
+    Context,
+    Section,
+    Table,
+    linear_fit,
+    mbytes,
+    median,
+    paired_ratios,
+    pct,
+    rate,
+    require,
+    run_worker,
+    secs,
+    spread,
+)
 
 
 def plan(quick: bool) -> dict[str, Any]:
@@ -30,7 +44,8 @@ def run(ctx: Context) -> Section:
         "emergency checkpoint, then one run that resumes from it, finishes, and measures the per-step overhead "
         f"(plain vs callback, {p['overhead']['reps']} interleaved repetitions of {p['overhead']['steps']} steps, same "
         "module). *Resume extra* = the resumed run's validation of the checkpoint (size + crc32, before `fit`) plus its "
-        "(Lightning `setup` hook → first step) minus the fresh run's: one sample each, so small values are within noise. Under DDP every rank holds the state; rank 0 writes the file."))
+        "(Lightning `setup` hook → first step) minus the fresh run's: one sample each, so small values are within noise. "
+        "Under DDP every rank holds the state; rank 0 writes the file."))
     table = Table("Save, resume and per-step overhead by state size", [
         "world size", "checkpoint", "signal → committed", "save throughput", "resume extra", "per step: plain",
         "per-step overhead [range]"])

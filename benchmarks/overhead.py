@@ -11,8 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from common import (Context, Section, Table, median, paired_ratios, pct, read_spec, require, run_worker, secs,
-                    spread, write_result)
+from common import Context, Section, Table, median, paired_ratios, pct, read_spec, require, run_worker, secs, spread, write_result
 
 
 def plan(quick: bool) -> dict[str, Any]:
@@ -44,10 +43,12 @@ def run(ctx: Context) -> Section:
         "warm-up steps; short repetitions, so that neighbours in time share the machine's load), "
         "arms interleaved (A B C D, D C B A, ...). A repetition's figure is an order statistic of its step durations "
         "(see the table's note: stalls caused by other processes hit single steps); *overhead* = median over "
-        "repetitions of (arm ÷ plain) − 1, with the range. Arms: *plain* Trainer; *empty callback* = plain + a `Callback` that does nothing (Lightning's "
+        "repetitions of (arm ÷ plain) − 1, with the range. "
+        "Arms: *plain* Trainer; *empty callback* = plain + a `Callback` that does nothing (Lightning's "
         "per-hook dispatch, paid by any callback); *callback* = `PreemptionCallback`; *exact_data=False* = the callback "
         "without the per-batch bookkeeping of data position and RNG (done in the batch sampler, outside the hooks). "
-        "*Hooks* = a stopwatch around the callback's own per-step hooks (median per step). Under DDP, Lightning 2.6 itself broadcasts its "
+        "*Hooks* = a stopwatch around the callback's own per-step hooks (median per step). "
+        "Under DDP, Lightning 2.6 itself broadcasts its "
         "SIGTERM flag with a **blocking** collective on every step (`_TrainingEpochLoop._broadcast_sigterm_tensor`), in the "
         "*plain* and *empty callback* arms. `PreemptionCallback` owns SIGTERM on every rank during `fit` (Lightning's handler, "
         "the only thing that sets that flag, is replaced), so it reduces its own stop votes in that slot instead (the vote "
@@ -105,9 +106,11 @@ def run(ctx: Context) -> Section:
         section.findings.append(
             f"World size {ws}: {pct(c['overhead'])} per {secs(d['plain'])} step with the callback (median steps), "
             f"{pct(dc['callback']['overhead'])} on the least disturbed steps, {pct(du['callback']['overhead'])} in CPU time "
-            f"({_verdict(c['overhead'], dc['callback']['overhead'], du['callback']['overhead'])}). For comparison, a do-nothing callback measures {pct(e['overhead'])} "
+            f"({_verdict(c['overhead'], dc['callback']['overhead'], du['callback']['overhead'])}). "
+            f"For comparison, a do-nothing callback measures {pct(e['overhead'])} "
             f"({pct(dc['empty']['overhead'])} on the least disturbed steps): Lightning's per-hook dispatch, paid by any "
-            f"callback. With `exact_data=False`: {pct(n['overhead'])} ({pct(dc['callback_noexact']['overhead'])}). The callback's own hooks take "
+            f"callback. With `exact_data=False`: {pct(n['overhead'])} ({pct(dc['callback_noexact']['overhead'])}). "
+            "The callback's own hooks take "
             f"{secs(d['hook_seconds'])} per step. In absolute terms about {secs(per_step)} per step, i.e. "
             f"{pct(per_step / 0.1, 2)} of a 100 ms training step.")
         if "pl_broadcast" in d:

@@ -24,8 +24,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (Context, Section, Table, interleaved_order, median, read_events, read_spec, require, run_worker,
-                    secs, spread, write_result)
+from common import Context, Section, Table, interleaved_order, median, read_spec, require, run_worker, secs, spread, write_result
+
+from preemptible.core.schema import JOURNAL_FILE, Event, read_events
 
 ARMS = ["none", "background", "synchronous", "lightning"]
 
@@ -100,9 +101,9 @@ def run(ctx: Context) -> Section:
 def worker(spec: dict[str, Any]) -> None:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
+    from workers import BallastModel, StepTimer, blobs, setup_process, trainer_kwargs
 
     from preemptible import PreemptionCallback
-    from workers import BallastModel, StepTimer, blobs, setup_process, trainer_kwargs
 
     setup_process()
     out: dict[str, Any] = {}
@@ -122,7 +123,7 @@ def worker(spec: dict[str, Any]) -> None:
         trainer = pl.Trainer(callbacks=callbacks, **kwargs)
         trainer.fit(BallastModel(spec["mb"], step_sleep=spec["step_sleep"]), datamodule=blobs(steps, 1))
         durations = [b - a for a, b in zip(timer.times, timer.times[1:])]
-        events = [e for e in read_events(run_dir / "events.jsonl") if e.get("event") == "checkpoint"]
+        events = [e for e in read_events(run_dir / JOURNAL_FILE) if e.get("event") == Event.CHECKPOINT]
         copies = [e["copy_seconds"] for e in events if e.get("copy_seconds") is not None]
         lightning_files = sorted((work / "lightning").glob("*.ckpt")) if arm == "lightning" else []
         out[arm] = {

@@ -12,8 +12,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from common import (MB, Context, Section, Table, interleaved_order, mbytes, median, paired_ratios, ratio, require,
-                    run_worker, secs, spread)
+from common import (
+    MB,
+    Context,
+    Section,
+    Table,
+    interleaved_order,
+    mbytes,
+    median,
+    paired_ratios,
+    ratio,
+    require,
+    run_worker,
+    secs,
+    spread,
+)
 
 
 def plan(quick: bool) -> dict[str, Any]:

@@ -37,7 +37,8 @@ def summary_lines(sections: dict[str, Section]) -> list[str]:
     if (d := get("overhead")) is not None:
         parts = [f"world size {k[2:]}: {v['overhead'] * 100:+.1f} % (median steps), {d[k + '_low']['overhead'] * 100:+.1f} % "
                  f"(least disturbed steps), {d[k + '_cpu']['overhead'] * 100:+.1f} % (CPU time) "
-                 f"(its own hooks {v['hook_seconds'] * 1e6:.0f} µs = {v['hook_share'] * 100:.2f} % of a {v['plain'] * 1e3:.1f} ms step)"
+                 f"(its own hooks {v['hook_seconds'] * 1e6:.0f} µs = {v['hook_share'] * 100:.2f} % "
+                 f"of a {v['plain'] * 1e3:.1f} ms step)"
                  for k, v in d.items() if k.startswith("ws") and not k.endswith(("_low", "_cpu"))]
         out.append("Per-step overhead on a tiny model (target ≤ 1 %): " + "; ".join(parts) + ".")
     if (d := get("save")) is not None and d:
@@ -82,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         (BENCH_DIR / "out").mkdir(exist_ok=True)
         workdir = Path(tempfile.mkdtemp(prefix="bench-", dir=BENCH_DIR / "out"))
     ctx = Context(quick=args.quick, workdir=workdir)
-    command = "python benchmarks/run_all.py" + ("".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])))
+    command = "python benchmarks/run_all.py" + (
+        "".join(f" {shlex.quote(a)}" for a in (argv if argv is not None else sys.argv[1:])))
     machine = machine_description(workdir)
     print("\n".join(f"{k}: {v}" for k, v in machine.items()), flush=True)
 
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     write_results(out, machine, command, [ctx.sections[n] for n in names], summary, args.quick, time.time() - started)
     print("Summary:\n" + "\n".join(f"- {s}" for s in summary), flush=True)
-    print(f"wrote {out} ({(time.time() - started) / 60:.1f} min)" + (f"; FAILED: {', '.join(failed)}" if failed else ""), flush=True)
+    print(f"wrote {out} ({(time.time() - started) / 60:.1f} min)" + (f"; FAILED: {', '.join(failed)}" if failed else ""),
+          flush=True)
     return 1 if failed else 0
 
 

@@ -25,8 +25,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (MB, Context, Section, Table, dd_write, interleaved_order, mbytes, median, paired_ratios, rate,
-                    ratio, read_events, read_spec, require, run_worker, secs, spread, write_result)
+from common import (
+    MB,
+    Context,
+    Section,
+    Table,
+    dd_write,
+    interleaved_order,
+    mbytes,
+    median,
+    paired_ratios,
+    rate,
+    ratio,
+    read_spec,
+    require,
+    run_worker,
+    secs,
+    spread,
+    write_result,
+)
+
+from preemptible.core.schema import CHECKPOINT_DIR, JOURNAL_FILE, Event, read_events
 
 ARMS = ["emergency", "raw", "raw_nocrc", "lightning", "dd"]
 
@@ -54,13 +73,16 @@ def run(ctx: Context) -> Section:
     p = plan(ctx.quick)
     section = Section("save", "2. Emergency save vs raw torch.save, Lightning's save_checkpoint and the disk", method=(
         f"Model: the tiny network plus {p['mb']} MB of frozen weights (`benchmarks/workers.py: BallastModel`), one process. "
-        "Arms interleaved over repetitions (one process per repetition, a fresh model and Trainer per arm): *emergency* = `PreemptionCallback`, the "
+        "Arms interleaved over repetitions (one process per repetition, a fresh model and Trainer per arm): "
+        "*emergency* = `PreemptionCallback`, the "
         "process sends itself SIGUSR1 at the end of a step, time from the handler's receipt to the committed checkpoint "
         "(journal `signal_to_commit_seconds`: streaming `torch.save` without the zip's CRC-32s through the writer that "
         "checksums (crc32) each buffer on a second thread while writing it in 32 MiB slices, each handed to the disk at "
-        "once (`sync_file_range`), one fsync, rename, commit record, directory fsync); *raw* = `torch.save` of the same `dump_checkpoint()` dict into an open file + `fsync`; *raw without zip CRC* = "
+        "once (`sync_file_range`), one fsync, rename, commit record, directory fsync); "
+        "*raw* = `torch.save` of the same `dump_checkpoint()` dict into an open file + `fsync`; *raw without zip CRC* = "
         "the same with torch's `compute_crc32` switched off (`torch.load` never checks those CRCs; preemptible's own "
-        "checksum replaces them); *Lightning* = `trainer.save_checkpoint` + `fsync` of the file (Lightning itself does not fsync); *dd* = "
+        "checksum replaces them); *Lightning* = `trainer.save_checkpoint` + `fsync` of the file "
+        "(Lightning itself does not fsync); *dd* = "
         "`dd if=/dev/zero bs=8M conv=fsync` of the same number of bytes. Extra peak RSS = peak resident memory during the "
         "save (sampled every ~1 ms, and `ru_maxrss`) minus the resident memory just before it. Ratios are medians of "
         "per-repetition ratios."))
@@ -168,9 +190,9 @@ def worker(spec: dict[str, Any]) -> None:
     import pytorch_lightning as pl
     import torch
     from torch.utils.serialization import config
+    from workers import BallastModel, RssSampler, SignalSelf, blobs, setup_process, trainer_kwargs
 
     from preemptible import PreemptionCallback
-    from workers import BallastModel, RssSampler, SignalSelf, blobs, setup_process, trainer_kwargs
 
     setup_process()
     out: dict[str, Any] = {}
@@ -182,7 +204,10 @@ def worker(spec: dict[str, Any]) -> None:
         record: dict[str, Any] = {}
 
         class Act(pl.Callback):
-            def on_train_batch_end(self, trainer: "pl.Trainer", *args: Any) -> None:
+            # Used only by the trainer.fit() below, in this same iteration; the loop variables are bound as defaults
+            # (keyword-only, so Lightning's positional hook arguments never reach them) to make that explicit.
+            def on_train_batch_end(self, trainer: "pl.Trainer", *args: Any, arm: str = arm, sampler: RssSampler = sampler,
+                                   record: dict[str, Any] = record) -> None:
                 if trainer.global_step != step:
                     return
                 path = work / f"{arm}.ckpt"
@@ -219,9 +244,9 @@ def worker(spec: dict[str, Any]) -> None:
             if exc.code != 144:
                 raise
             extra = sampler.stop()
-            ev = [e for e in read_events(run_dir / "events.jsonl") if e.get("event") == "checkpoint"][-1]
+            ev = [e for e in read_events(run_dir / JOURNAL_FILE) if e.get("event") == Event.CHECKPOINT][-1]
             record.update(seconds=ev["signal_to_commit_seconds"], save_seconds=ev["seconds"], bytes=ev["bytes"], extra_rss=extra)
-            for f in (run_dir / "checkpoints").glob("step-*"):
+            for f in (run_dir / CHECKPOINT_DIR).glob("step-*"):
                 f.unlink()
         if not record:
             raise RuntimeError(f"arm {arm}: nothing was measured")

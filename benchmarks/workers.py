@@ -19,12 +19,12 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
+from common import read_spec, write_result
 from torch import nn
 
 from preemptible import PreemptionCallback
+from preemptible.core.schema import JOURNAL_FILE, Event, read_events
 from preemptible.examples.models import BlobsData, TinyModel
-
-from common import read_events, read_spec, write_result
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -196,9 +196,9 @@ class FirstStep(pl.Callback):
 
 
 def trainer_kwargs(devices: int, max_steps: int) -> dict[str, Any]:
-    return dict(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=max_steps,
-                logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                limit_val_batches=0, num_sanity_val_steps=0)
+    return {"accelerator": "cpu", "devices": devices, "strategy": "ddp" if devices > 1 else "auto", "max_steps": max_steps,
+            "logger": False, "enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False,
+            "limit_val_batches": 0, "num_sanity_val_steps": 0}
 
 
 def blobs(steps: int, devices: int, batch_size: int = 16) -> BlobsData:
@@ -213,8 +213,9 @@ def overhead_reps(devices: int, rank: int, run_root: Path, reps: int, steps: int
     Arms: ``plain`` (a plain Trainer), ``empty`` (plain plus a callback that does nothing: what Lightning's
     per-hook dispatch costs for any callback), ``callback`` (with ``PreemptionCallback``, no signal),
     ``callback_noexact`` (the callback with ``exact_data=False``: no per-batch bookkeeping of the data
-    position and RNG), ``callback_every10`` (``agree_every_n_steps=10``), and ``no_pl_broadcast`` (plain, with Lightning's own per-step SIGTERM broadcast
-    switched off: a reference for what one blocking collective per step costs).
+    position and RNG), ``callback_every10`` (``agree_every_n_steps=10``), and ``no_pl_broadcast`` (plain, with
+    Lightning's own per-step SIGTERM broadcast switched off: a reference for what one blocking collective per step
+    costs).
     """
     from common import interleaved_order
 
@@ -301,8 +302,8 @@ def job(spec: dict[str, Any]) -> None:
     result["preempted"] = preempted
     result["global_step"] = trainer.global_step
     if preempted:
-        for e in read_events(Path(spec["run_dir"]) / "events.jsonl"):
-            if e.get("event") == "checkpoint" and e.get("rank") == 0:
+        for e in read_events(Path(spec["run_dir"]) / JOURNAL_FILE):
+            if e.get("event") == Event.CHECKPOINT and e.get("rank") == 0:
                 result["checkpoint"] = e
     elif spec.get("overhead"):
         del trainer

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
+from preemptible.core.schema import read_trace
 from preemptible.examples.train import options_to_argv
 
 PYTHON = sys.executable
@@ -19,19 +19,10 @@ def example_command(record: Path, max_steps: int = 24, devices: int = 1, **optio
 
 def load_record(path: Path) -> tuple[dict[tuple[Any, ...], str], list[tuple[Any, ...]], dict[int, str]]:
     """(loss by (kind, rank, epoch, batch, step), duplicated keys, final weight digest by rank)."""
-    losses: dict[tuple[Any, ...], str] = {}
-    duplicates: list[tuple[Any, ...]] = []
-    final: dict[int, str] = {}
-    for line in Path(path).read_text().splitlines():
-        entry = json.loads(line)
-        if entry["kind"] == "final":
-            final[entry["rank"]] = entry["weights"]
-            continue
-        key = (entry["kind"], entry["rank"], entry["epoch"], entry["batch"], entry["step"])
-        if key in losses:
-            duplicates.append(key)
-        losses[key] = entry["loss"]
-    return losses, duplicates, final
+    path = Path(path)
+    assert path.exists(), f"no step record at {path}"
+    trace = read_trace(path)
+    return {key: entry["loss"] for key, entry in trace.entries.items()}, trace.duplicates, trace.final
 
 
 def assert_same_as_reference(record: Path, reference: Path) -> int:
@@ -47,6 +38,139 @@ def assert_same_as_reference(record: Path, reference: Path) -> int:
     assert not missing, f"batches never trained (skipped after resume): {missing[:5]}"
     assert not extra, f"batches the reference never trained: {extra[:5]}"
     differ = [k for k in sorted(want) if got[k] != want[k]]
-    assert not differ, f"{len(differ)} losses differ from the uninterrupted run, first at {differ[0]}: {got[differ[0]]} vs {want[differ[0]]}"
+    assert not differ, (f"{len(differ)} losses differ from the uninterrupted run, first at {differ[0]}: "
+                        f"{got[differ[0]]} vs {want[differ[0]]}")
     assert got_final and got_final == want_final, f"final weights differ: {got_final} vs {want_final}"
     return len(want)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Uninterrupted reference runs, forked from a process that has imported Lightning once
+# ---------------------------------------------------------------------------------------------------
+class ReferenceForkServer:
+    """Runs the example training, uninterrupted, in processes forked from one that imported torch and
+    Lightning once (a launch otherwise pays ~5 s of imports, twice under DDP).
+
+    Only the reference runs go through it: every preempted run is a fresh ``python -m
+    preemptible.examples.train`` under the real supervisor. A run of N ranks is N forked processes
+    launched as an outside launcher does it (``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_PORT``: Lightning
+    then starts no process itself); it is a real N-process gloo DDP run. The server forks before it
+    computes anything, so no thread pool is forked.
+    """
+
+    def __init__(self, log: Path) -> None:
+        import subprocess
+
+        code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import helpers; helpers._serve_references()"
+        with open(log, "ab") as err:
+            self._proc = subprocess.Popen([PYTHON, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=err, text=True, bufsize=1)
+        self.log = log
+        self._ready = False
+
+    def run(self, argv: list[str], devices: int, env: dict[str, str], log: Path, timeout: float) -> list[int]:
+        """Exit codes of the ranks of ``python -m preemptible.examples.train ARGV`` with ``env`` added."""
+        import json
+
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        if not self._ready:
+            line = self._proc.stdout.readline()
+            assert line.strip() == "ready", f"the reference fork server did not start: {self.log.read_text()[-3000:]}"
+            self._ready = True
+        request = {"argv": argv, "devices": devices, "env": env, "log": str(log), "timeout": timeout}
+        self._proc.stdin.write(json.dumps(request) + "\n")
+        self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        assert line, f"the reference fork server died: {self.log.read_text()[-3000:]}"
+        return json.loads(line)["codes"]
+
+    def close(self) -> None:
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=30)
+        except Exception:
+            self._proc.kill()
+
+
+def _serve_references() -> None:
+    """The fork server's loop: one JSON request per line on stdin, one JSON answer per line on stdout."""
+    import json
+    import os
+    import signal
+    import socket
+    import time
+
+    os.environ.setdefault("PL_DISABLE_FORK", "1")
+    import pytorch_lightning  # noqa: F401
+    import torch  # noqa: F401
+
+    import preemptible.examples.models  # noqa: F401
+    import preemptible.lightning  # noqa: F401
+    import preemptible.tools.tracing  # noqa: F401
+    from preemptible.examples import train
+
+    try:
+        import torchdata.stateful_dataloader  # noqa: F401
+    except ImportError:
+        pass
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # stray prints must not reach the answers
+    print("ready", file=answers)
+    for line in sys.stdin:
+        request = json.loads(line)
+        devices = request["devices"]
+        port = 0
+        if devices > 1:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pids = []
+        for rank in range(devices):
+            pid = os.fork()
+            if pid == 0:  # the rank: its own session, output to the log, the example's main
+                code = 1
+                try:
+                    os.setsid()
+                    fd = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+                    os.dup2(fd, 1)
+                    os.dup2(fd, 2)
+                    null = os.open(os.devnull, os.O_RDONLY)
+                    os.dup2(null, 0)
+                    os.environ.update(request["env"])
+                    if devices > 1:
+                        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), NODE_RANK="0",
+                                          LOCAL_RANK=str(rank), WORLD_SIZE=str(devices))
+                    sys.argv = [train.__file__, *request["argv"]]
+                    code = train.main(request["argv"])
+                except SystemExit as exc:
+                    code = exc.code if isinstance(exc.code, int) else 1
+                except BaseException:
+                    import traceback
+
+                    traceback.print_exc()
+                finally:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                    os._exit(code)
+            pids.append(pid)
+        codes: dict[int, int] = {}
+        deadline = time.monotonic() + request["timeout"]
+        while len(codes) < len(pids):
+            for pid in pids:
+                if pid not in codes:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        codes[pid] = os.waitstatus_to_exitcode(status)
+            if time.monotonic() > deadline:
+                for pid in pids:
+                    if pid not in codes:
+                        try:
+                            os.killpg(pid, signal.SIGKILL)
+                        except OSError:
+                            pass
+                        codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            time.sleep(0.02)
+        print(json.dumps({"codes": [codes[p] for p in pids]}), file=answers)

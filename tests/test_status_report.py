@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from preemptible.cli import main
-from preemptible.tools.runinfo import RunInfoError, summarize
+from preemptible.core.schema import CHECKPOINT_DIR, JOURNAL_FILE, PROGRESS_FILE, REASON_FINISHED, Event, RequeueOutcomeName
 from preemptible.core.store import CheckpointStore, CommitRecord
+from preemptible.tools.runinfo import RunInfoError, summarize
 from preemptible.tools.testing import run_preempted
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -55,7 +56,8 @@ def _status_json(run_dir: Path, *extra: str, capsys: pytest.CaptureFixture[str])
 
 
 # -- on a real preempted run ------------------------------------------------------------------------
-def test_status_table_shows_state_checkpoints_and_attempts(preempted_run: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+def test_status_table_shows_state_checkpoints_and_attempts(preempted_run: dict[str, Any],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", str(preempted_run["run_dir"])]) == 0
     out = capsys.readouterr().out
     stop = preempted_run["stop_step"]
@@ -78,10 +80,11 @@ def test_status_json_of_a_preempted_run(preempted_run: dict[str, Any], capsys: p
     # the newest valid one: the stop step, or the end of training when a last checkpoint is saved on finish
     assert doc["last_committed_step"] == max(by_step) and doc["last_committed_step"] in (stop, STEPS)
     (cut,) = doc["interruptions"]
-    assert cut["signal"] == cut["reason"] == "SIGUSR1" and cut["stop_step"] == cut["checkpoint_step"] == cut["resumed_step"] == stop
+    assert cut["signal"] == cut["reason"] == "SIGUSR1"
+    assert cut["stop_step"] == cut["checkpoint_step"] == cut["resumed_from_step"] == stop
     assert cut["steps_lost"] == 0 and doc["steps_lost"] == 0, "the stop step was checkpointed: nothing is redone"
     assert cut["queue_seconds"] > 0 and doc["time_lost_seconds"] == pytest.approx(cut["time_lost_seconds"], abs=1e-3)
-    assert doc["attempts"][1]["resumed_step"] == stop
+    assert doc["attempts"][1]["resumed_from_step"] == stop
     assert len(doc["attempts"][0]["points"]) > 5, "dense progress events give a step series"
 
 
@@ -128,7 +131,7 @@ def test_a_torn_last_line_and_a_garbled_line_are_tolerated(preempted_run: dict[s
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(preempted_run["run_dir"], run_dir)
-    journal = run_dir / "events.jsonl"
+    journal = run_dir / JOURNAL_FILE
     lines = journal.read_bytes().splitlines(keepends=True)
     lines.insert(3, b'{"event": "progress", "time": "not a number"}\n')
     lines.insert(5, b"\x00\x00garbage\n")
@@ -186,7 +189,7 @@ def test_status_while_the_job_runs_then_after_it_is_killed(tmp_path: Path, capsy
 # -- exact definitions on hand-written journals -----------------------------------------------------------
 def _journal(run_dir: Path, events: list[dict[str, Any]]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "events.jsonl", "w") as f:
+    with open(run_dir / JOURNAL_FILE, "w") as f:
         for e in events:
             full = {"job_id": "77", "restart_count": 0, "host": "node-elsewhere", "rank": 0, "pid": 4242}
             full.update(e)
@@ -201,17 +204,18 @@ def test_steps_lost_time_lost_and_goodput_follow_their_definitions(tmp_path: Pat
     run_dir = tmp_path / "run"
     _journal(run_dir, [
         # attempt 0: a safety checkpoint at step 5, then killed at step 10 without a record
-        _ev("start", 1000), _ev("train_start", 1001, step=0), _ev("checkpoint", 1006.5, step=5, seconds=0.5),
-        _ev("progress", 1011, step=10),
+        _ev(Event.START, 1000), _ev(Event.TRAIN_START, 1001, step=0),
+        _ev(Event.CHECKPOINT, 1006.5, step=5, seconds=0.5), _ev(Event.PROGRESS, 1011, step=10),
         # attempt 1: resumed at 5, signalled, stopped and checkpointed at 15, requeued
-        _ev("start", 1020, 1), _ev("train_start", 1022, 1, step=5), _ev("signal", 1031.9, 1, signal="SIGTERM", received_at=1031.8, step=15),
-        _ev("stop_agreed", 1032, 1, step=15, reason="SIGTERM"), _ev("checkpoint", 1033, 1, step=15, seconds=1.0),
-        _ev("requeue", 1033.1, 1, outcome="requested", step=15), _ev("exit", 1033.2, 1, code=144, step=15),
-        _ev("exit", 1033.15, 1, code=144, step=15, rank=1),
+        _ev(Event.START, 1020, 1), _ev(Event.TRAIN_START, 1022, 1, step=5),
+        _ev(Event.SIGNAL, 1031.9, 1, signal="SIGTERM", received_at=1031.8, step=15),
+        _ev(Event.STOP_AGREED, 1032, 1, step=15, reason="SIGTERM"), _ev(Event.CHECKPOINT, 1033, 1, step=15, seconds=1.0),
+        _ev(Event.REQUEUE, 1033.1, 1, outcome=RequeueOutcomeName.REQUESTED, step=15),
+        _ev(Event.EXIT, 1033.2, 1, code=144, step=15), _ev(Event.EXIT, 1033.15, 1, code=144, step=15, rank=1),
         # attempt 2: resumed at 15, a background save (overlaps training), a last save, finished at 25
-        _ev("start", 1050, 2), _ev("train_start", 1053, 2, step=15), _ev("checkpoint", 1058, 2, step=20, seconds=2.0, background=True),
-        _ev("progress", 1063, 2, step=25), _ev("checkpoint", 1063, 2, step=25, seconds=0.1, reason="finished"),
-        _ev("finish", 1063, 2, step=25),
+        _ev(Event.START, 1050, 2), _ev(Event.TRAIN_START, 1053, 2, step=15),
+        _ev(Event.CHECKPOINT, 1058, 2, step=20, seconds=2.0, background=True), _ev(Event.PROGRESS, 1063, 2, step=25),
+        _ev(Event.CHECKPOINT, 1063, 2, step=25, seconds=0.1, reason=REASON_FINISHED), _ev(Event.FINISH, 1063, 2, step=25),
     ])
     info = summarize(run_dir)
     assert [a.outcome for a in info.attempts] == ["crashed", "preempted", "finished"]
@@ -234,7 +238,7 @@ def test_steps_lost_time_lost_and_goodput_follow_their_definitions(tmp_path: Pat
 
 
 def _fake_checkpoint(run_dir: Path, step: int, payload: bytes = b"x" * 100) -> Path:
-    store = CheckpointStore(run_dir / "checkpoints")
+    store = CheckpointStore(run_dir / CHECKPOINT_DIR)
     pending = store.begin(step)
     store.write(pending, lambda f: f.write(payload))
     return store.commit(pending, CommitRecord(file="", step=step, bytes=0, checksum="", reason="SIGUSR1")).path
@@ -243,7 +247,7 @@ def _fake_checkpoint(run_dir: Path, step: int, payload: bytes = b"x" * 100) -> P
 def test_an_unfinished_last_attempt_is_running_crashed_or_unknown(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     ckpt = _fake_checkpoint(run_dir, 4)
-    other_host = [_ev("start", 2000), _ev("train_start", 2001, step=4), _ev("progress", 2011, step=14)]
+    other_host = [_ev(Event.START, 2000), _ev(Event.TRAIN_START, 2001, step=4), _ev(Event.PROGRESS, 2011, step=14)]
     _journal(run_dir, other_host)
     fresh = summarize(run_dir, now=2020)
     assert fresh.state == "running" and fresh.steps_lost == 0
@@ -255,8 +259,9 @@ def test_an_unfinished_last_attempt_is_running_crashed_or_unknown(tmp_path: Path
     dead.wait()
     for pid, want in ((os.getpid(), "running"), (dead.pid, "failed")):
         start = time.time()
-        _journal(run_dir, [_ev("start", start, host=here, pid=pid), _ev("train_start", start + 1, host=here, pid=pid, step=4),
-                           _ev("progress", start + 2, host=here, pid=pid, step=9)])
+        _journal(run_dir, [_ev(Event.START, start, host=here, pid=pid),
+                           _ev(Event.TRAIN_START, start + 1, host=here, pid=pid, step=4),
+                           _ev(Event.PROGRESS, start + 2, host=here, pid=pid, step=9)])
         info = summarize(run_dir, now=start + 3)
         assert info.state == want, info.state_detail
     assert info.attempts[-1].outcome == "crashed" and info.steps_lost == 5, "steps beyond the checkpoint at 4 are lost"
@@ -275,6 +280,6 @@ def test_an_unfinished_last_attempt_is_running_crashed_or_unknown(tmp_path: Path
 
 def _progress_step(run_dir: Path) -> int:
     try:
-        return int(json.loads((run_dir / "progress.json").read_text())["step"])
+        return int(json.loads((run_dir / PROGRESS_FILE).read_text())["step"])
     except (OSError, ValueError, KeyError):
         return -1

@@ -90,7 +90,7 @@ def interruptions_table(info: RunInfo) -> Any:
         table.add_column(col, justify="left" if col in ("cause",) else "right")
     for i in info.interruptions:
         cause = i.cause + (f" ({i.reason})" if i.reason else "")
-        table.add_row(str(i.attempt), cause, _fmt(i.stop_step), _fmt(i.checkpoint_step), _fmt(i.resumed_step),
+        table.add_row(str(i.attempt), cause, _fmt(i.stop_step), _fmt(i.checkpoint_step), _fmt(i.resumed_from_step),
                       str(i.steps_lost), format_duration(i.redone_seconds), format_duration(i.stopping_seconds),
                       format_duration(i.queue_seconds), format_duration(i.restart_seconds),
                       format_duration(i.time_lost_seconds))
@@ -157,8 +157,8 @@ def write_timeline(info: RunInfo, out: Path) -> None:
             if nxt.started_at > a.ended_at:
                 ax.axvspan(x(a.ended_at), x(nxt.started_at), color="0.6", alpha=0.3, lw=0, hatch="//",
                            label=once("queue wait + launch"))
-            if nxt.train_started_at is not None and nxt.resumed_step is not None:
-                ax.plot([x(nxt.train_started_at)], [nxt.resumed_step], marker="^", color="C1", ms=9, ls="none",
+            if nxt.train_started_at is not None and nxt.resumed_from_step is not None:
+                ax.plot([x(nxt.train_started_at)], [nxt.resumed_from_step], marker="^", color="C1", ms=9, ls="none",
                         label=once("resumed"))
     g = info.goodput
     head = "" if g.goodput is None else f" — goodput {g.goodput:.0%}"

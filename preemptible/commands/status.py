@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from preemptible.core.exit import REQUEUE_EXIT_CODE
 from preemptible.tools.runinfo import DEFAULT_STALE_AFTER, RunInfo, format_duration, summarize
 
 EXAMPLES = f"""
@@ -35,7 +36,8 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON document instead of tables (for scripts)")
     p.add_argument("--verify", action="store_true", help="verify checkpoints' checksums, not only their sizes")
     p.add_argument("--stale-after", type=float, default=DEFAULT_STALE_AFTER, metavar="SECONDS",
-                   help=f"a job on another host that wrote nothing for this long is 'unknown' (default {DEFAULT_STALE_AFTER:.0f})")
+                   help=f"a job on another host that wrote nothing for this long is 'unknown' "
+                        f"(default {DEFAULT_STALE_AFTER:.0f})")
     p.set_defaults(func=status_command)
 
 
@@ -81,6 +83,10 @@ def summary_table(info: RunInfo) -> Any:
     ]
     if info.quarantined:
         rows.append(("quarantined", f"{info.quarantined} checkpoint(s) in checkpoints/quarantine/"))
+    for failed in info.failed_saves:
+        rows.append(("[red]failed save[/]", f"step {_fmt(failed.step)} ({failed.reason or 'checkpoint'}), "
+                                            f"{format_duration(info.generated_at - failed.time)} ago: {failed.error} "
+                                            "(the earlier checkpoints are intact)"))
     for what, value in rows:
         table.add_row(what, value)
     return table
@@ -91,7 +97,8 @@ def checkpoints_table(info: RunInfo) -> Any:
 
     check = "checksum" if any(c.checksum for c in info.checkpoints) else "size; --verify for the checksum"
     table = Table(title=f"checkpoints ({check})", title_justify="left")
-    for col, justify in (("step", "right"), ("size", "right"), ("age", "right"), ("reason", "left"), ("valid", "left"), ("file", "left")):
+    for col, justify in (("step", "right"), ("size", "right"), ("age", "right"), ("reason", "left"), ("valid", "left"),
+                         ("file", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for c in reversed(info.checkpoints):
         valid = "[green]yes[/]" if c.valid else f"[red]NO[/]: {c.problem}"
@@ -111,10 +118,11 @@ def attempts_table(info: RunInfo) -> Any:
         table.add_column(col, justify="left" if col in ("job/restart", "host (pid)", "started", "outcome") else "right")
     for a in info.attempts:
         why = a.stop_reason or a.signal
-        outcome = a.outcome + (f" ({why})" if why else "") + (f", exit {a.exit_code}" if a.exit_code not in (None, 144, 0) else "")
+        unusual_exit = a.exit_code not in (None, REQUEUE_EXIT_CODE, 0)
+        outcome = a.outcome + (f" ({why})" if why else "") + (f", exit {a.exit_code}" if unusual_exit else "")
         table.add_row(str(a.index), f"{a.job_id or 'local'}/{a.restart_count}", f"{a.host} ({_fmt(a.pid)})",
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.started_at)),
-                      _fmt(a.resumed_step), _fmt(a.end_step), outcome, format_duration(a.training_seconds),
+                      _fmt(a.resumed_from_step), _fmt(a.end_step), outcome, format_duration(a.training_seconds),
                       format_duration(a.startup_seconds), str(a.steps_lost))
     return table
 

@@ -171,6 +171,12 @@ class CommitRecord:
     format: int = RECORD_FORMAT
 
 
+class CommitRecordKey:
+    """Keys of a commit record's JSON (fields of :class:`CommitRecord`) that readers outside the store use."""
+
+    WORLD_SIZE = "world_size"
+
+
 #: Reasons a checkpoint is written for that are not a stop (a stop's reason is its signal or "deadline").
 REASON_PERIODIC = "periodic"
 REASON_FINISHED = "finished"
@@ -205,15 +211,28 @@ class Trace:
         entries: the last entry for each batch key.
         duplicates: keys seen more than once (a batch trained again after a resume).
         final: rank → digest of its final weights.
+        lines: every per-batch entry in file order, replays included (``final`` entries excepted).
     """
 
     entries: dict[TraceKey, dict[str, Any]] = field(default_factory=dict)
     duplicates: list[TraceKey] = field(default_factory=list)
     final: dict[int, str] = field(default_factory=dict)
+    lines: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def losses(self) -> dict[TraceKey, Any]:
         return {key: entry.get("loss") for key, entry in self.entries.items()}
+
+
+def trace_entry(kind: str, rank: int, epoch: int, batch: Optional[int], step: int, attempt: int,
+                **fields: Any) -> dict[str, Any]:
+    """One trace line (the one trace writer's format); ``ValueError`` for a field not in :data:`TRACE_FIELDS`."""
+    entry = {"kind": kind, "rank": rank, "epoch": epoch, "batch": batch, "step": step, "attempt": attempt, **fields}
+    unknown = [name for name in entry if name not in TRACE_FIELDS]
+    if unknown:
+        raise ValueError(f"trace entries have no field(s) {unknown}: known are {list(TRACE_FIELDS)} "
+                         "(preemptible.core.schema.TRACE_FIELDS)")
+    return entry
 
 
 def trace_key(entry: dict[str, Any]) -> TraceKey:
@@ -233,6 +252,7 @@ def read_trace(path: str | os.PathLike[str]) -> Trace:
         if entry["kind"] == TraceKind.FINAL:
             trace.final[entry["rank"]] = entry["weights"]
             continue
+        trace.lines.append(entry)
         key = trace_key(entry)
         if key in trace.entries:
             trace.duplicates.append(key)

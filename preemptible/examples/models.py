@@ -58,10 +58,11 @@ class TinyModel(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
-        if self.hparams.onecycle:
+        # hparams is typed as a MutableMapping: index it (save_hyperparameters() stored both values).
+        opt = torch.optim.SGD(self.parameters(), lr=self.hparams["lr"], momentum=0.9)
+        if self.hparams["onecycle"]:
             total = int(self.trainer.estimated_stepping_batches)
-            sched: Any = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams.lr, total_steps=total)
+            sched: Any = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.hparams["lr"], total_steps=total)
         else:
             sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.9)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -70,7 +71,8 @@ class TinyModel(pl.LightningModule):
 class BlobsData(pl.LightningDataModule):
     """Shuffled train loader: a plain ``DataLoader`` by default, torchdata's ``StatefulDataLoader`` with ``stateful=True``."""
 
-    def __init__(self, samples: int = 512, batch_size: int = 16, num_workers: int = 0, seed: int = 0, stateful: bool = False) -> None:
+    def __init__(self, samples: int = 512, batch_size: int = 16, num_workers: int = 0, seed: int = 0,
+                 stateful: bool = False) -> None:
         super().__init__()
         self.samples, self.batch_size, self.num_workers, self.seed = samples, batch_size, num_workers, seed
         self.stateful = stateful

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import random
 import sys
@@ -22,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from preemptible.core.schema import read_trace
 from preemptible.tools.simulator import LocalSupervisor
-
 
 __all__ = ["check_resume", "CheckReport", "StepComparison", "load_factory"]
 
@@ -120,26 +119,14 @@ def _clear(run_dir: Path, trace: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _read(trace: Path) -> tuple[dict[tuple[Any, ...], dict[str, Any]], list[tuple[Any, ...]]]:
-    entries: dict[tuple[Any, ...], dict[str, Any]] = {}
-    dup = []
-    for line in trace.read_text().splitlines():
-        e = json.loads(line)
-        key = (e["kind"], e["rank"], e["epoch"], e["batch"], e["step"])
-        if key in entries and e["kind"] != "final":
-            dup.append(key)
-        entries[key] = e
-    return entries, dup
-
-
 def _compare(report: CheckReport, ref_trace: Path, got_trace: Path, ranks: int) -> None:
     import torch
 
-    ref, _ = _read(ref_trace)
-    got, dup = _read(got_trace)
-    report.replayed = dup
-    report.missing = sorted(k for k in ref if k not in got and k[0] != "final")
-    for key in sorted(k for k in ref if k[0] != "final" and k in got):
+    reference, resumed = read_trace(ref_trace), read_trace(got_trace)
+    ref, got = reference.entries, resumed.entries
+    report.replayed = list(resumed.duplicates)
+    report.missing = sorted(k for k in ref if k not in got)
+    for key in sorted(k for k in ref if k in got):
         a, b = ref[key], got[key]
         weights = None if "weights" not in a else a.get("weights") == b.get("weights")
         report.comparisons.append(StepComparison(key, a.get("loss"), b.get("loss"), weights))

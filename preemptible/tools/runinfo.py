@@ -41,18 +41,25 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from preemptible.core.exit import REQUEUE_EXIT_CODE
-from preemptible.core.journal import read_events
 from preemptible.core.rundir import RunDirectory, read_progress
+from preemptible.core.schema import (
+    ATTEMPT_OPENERS,
+    CHECKPOINT_DIR,
+    COMMIT_SUFFIX,
+    JOURNAL_FILE,
+    Event,
+    RequeueOutcomeName,
+    RunRecordKey,
+    RunStatus,
+    read_events,
+)
 from preemptible.core.store import InvalidCheckpoint, StoredCheckpoint
 
-#: Run states reported by :func:`summarize`.
-STATES = ("running", "preempted", "finished", "failed", "unknown")
 #: A running attempt on another host counts as running while it wrote something this recently (seconds).
 DEFAULT_STALE_AFTER = 300.0
 
-_OPENERS = ("start", "resume")
 # Rank-0 events whose ``step`` is the step training had reached at that moment.
-_STEP_EVENTS = ("train_start", "progress", "signal", "deadline", "stop_agreed", "finish")
+_STEP_EVENTS = (Event.TRAIN_START, Event.PROGRESS, Event.SIGNAL, Event.DEADLINE, Event.STOP_AGREED, Event.FINISH)
 
 
 class RunInfoError(RuntimeError):
@@ -90,7 +97,7 @@ class AttemptInfo:
     outcome: str
     train_started_at: Optional[float] = None
     train_ended_at: Optional[float] = None
-    resumed_step: Optional[int] = None
+    resumed_from_step: Optional[int] = None
     end_step: Optional[int] = None
     stop_step: Optional[int] = None
     #: why the ranks agreed to stop: the signal's name, ``"deadline"``, ...
@@ -124,7 +131,7 @@ class Interruption:
     stop_step: Optional[int]
     checkpoint_step: Optional[int]
     #: the step the next attempt resumed from; ``None`` while no next attempt has started training.
-    resumed_step: Optional[int]
+    resumed_from_step: Optional[int]
     steps_lost: int
     redone_seconds: float
     stopping_seconds: float
@@ -156,6 +163,16 @@ class Goodput:
 
 
 @dataclass
+class FailedSave:
+    """A checkpoint write that failed (journaled by the writer as it happened; the earlier checkpoints are intact)."""
+
+    step: Optional[int]
+    time: float
+    reason: str
+    error: str
+
+
+@dataclass
 class RunInfo:
     """Everything ``preemptible status`` shows; :meth:`to_json` is the ``--json`` document."""
 
@@ -177,6 +194,7 @@ class RunInfo:
     record: dict[str, Any]
     progress: Optional[dict[str, Any]]
     events: int
+    failed_saves: list[FailedSave] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         doc = asdict(self)
@@ -208,7 +226,7 @@ def summarize(
         raise RunInfoError(f"run directory {path} does not exist: pass the directory given to "
                            "PreemptionCallback(run_dir=...) or $PREEMPTIBLE_RUN_DIR (the same one for every restart)")
     run = RunDirectory(path)
-    events = [e for e in read_events(path / "events.jsonl") if _well_formed(e)]
+    events = [e for e in read_events(path / JOURNAL_FILE) if _well_formed(e)]
     record = run.read_record()
     progress = read_progress(path)
     committed = run.store.committed()
@@ -225,7 +243,7 @@ def summarize(
     _account_lost_work(attempts, last_committed)
     interruptions = _interruptions(attempts)
     state, detail = _state(attempts, record, last_committed, now)
-    quarantine = path / "checkpoints" / "quarantine"
+    quarantine = path / CHECKPOINT_DIR / "quarantine"
     return RunInfo(
         run_dir=str(path),
         generated_at=now,
@@ -234,17 +252,19 @@ def summarize(
         current_step=next((a.end_step for a in reversed(attempts) if a.end_step is not None), last_committed),
         last_committed_step=last_committed,
         checkpoints=checkpoints,
-        quarantined=sum(1 for p in quarantine.iterdir() if ".commit.json." not in p.name) if quarantine.is_dir() else 0,
+        quarantined=sum(1 for p in quarantine.iterdir() if f"{COMMIT_SUFFIX}." not in p.name) if quarantine.is_dir() else 0,
         attempts=attempts,
         interruptions=interruptions,
         preemptions=sum(1 for i in interruptions if i.reason is not None or i.stop_step is not None),
         steps_lost=sum(a.steps_lost for a in attempts),
         time_lost_seconds=sum(i.time_lost_seconds for i in interruptions),
         goodput=_goodput(attempts),
-        requeues=_int(record.get("requeues")),
+        requeues=_int(record.get(RunRecordKey.REQUEUES)),
         record=record,
         progress=progress,
         events=len(events),
+        failed_saves=[FailedSave(step=_int(e.get("step")), time=float(e["time"]), reason=str(e.get("reason") or ""),
+                                 error=str(e.get("error") or "")) for e in events if e["event"] == Event.CHECKPOINT_FAILED],
     )
 
 
@@ -272,7 +292,7 @@ def _group_attempts(events: Iterable[dict[str, Any]]) -> list[list[dict[str, Any
     """Split the journal at rank 0's start/resume events (file order: appends are ordered per process)."""
     groups: list[list[dict[str, Any]]] = []
     for e in events:
-        if (e["event"] in _OPENERS and e.get("rank", 0) == 0) or not groups:
+        if (e["event"] in ATTEMPT_OPENERS and e.get("rank", 0) == 0) or not groups:
             # Events before any opener (a torn opener line) still form an attempt rather than vanish.
             groups.append([e])
         else:
@@ -293,33 +313,33 @@ def _attempt(index: int, events: list[dict[str, Any]], now: float, last: bool = 
     a.points = [(float(e["time"]), int(e["step"])) for e in events
                 if e.get("rank", 0) == 0 and e["event"] in _STEP_EVENTS and isinstance(e.get("step"), int)]
     _make_monotonic(a.points)
-    if "train_start" in kinds:
-        ts = kinds["train_start"][0]
-        a.train_started_at, a.resumed_step = float(ts["time"]), _int(ts.get("step"))
-    if "signal" in kinds:
-        sig = min(kinds["signal"], key=lambda e: e.get("received_at") or e["time"])
+    if Event.TRAIN_START in kinds:
+        ts = kinds[Event.TRAIN_START][0]
+        a.train_started_at, a.resumed_from_step = float(ts["time"]), _int(ts.get("step"))
+    if Event.SIGNAL in kinds:
+        sig = min(kinds[Event.SIGNAL], key=lambda e: e.get("received_at") or e["time"])
         a.signal, a.signal_at = sig.get("signal"), sig.get("received_at") or sig["time"]
-    if "stop_agreed" in kinds:
-        agreed = kinds["stop_agreed"][0]
+    if Event.STOP_AGREED in kinds:
+        agreed = kinds[Event.STOP_AGREED][0]
         a.stop_step, a.stop_reason = _int(agreed.get("step")), agreed.get("reason")
-    committed = [e for e in kinds.get("checkpoint", []) if isinstance(e.get("step"), int)]
+    committed = [e for e in kinds.get(Event.CHECKPOINT, []) if isinstance(e.get("step"), int)]
     if committed:
         a.checkpoint_step = max(e["step"] for e in committed)
     # Only saves that held training up count as save time (see the module docstring).
     saves = [e for e in committed if not e.get("background")]
     a.save_seconds = sum(float(e.get("seconds") or 0.0) for e in saves)
-    if kinds.get("requeue"):
-        req = kinds["requeue"][-1]
+    if kinds.get(Event.REQUEUE):
+        req = kinds[Event.REQUEUE][-1]
         a.requeue, a.requeue_detail = req.get("outcome"), req.get("detail") or req.get("error")
-    if kinds.get("exit"):
+    if kinds.get(Event.EXIT):
         # Rank 0's code is the job's; without it, the worst code of any rank.
-        mine = [e for e in kinds["exit"] if e.get("rank", 0) == 0] or kinds["exit"]
+        mine = [e for e in kinds[Event.EXIT] if e.get("rank", 0) == 0] or kinds[Event.EXIT]
         a.exit_code = max((c for c in (_int(e.get("code")) for e in mine) if c is not None), default=None)
 
-    if "finish" in kinds:
+    if Event.FINISH in kinds:
         a.outcome = "finished"
-    elif a.requeue in ("limit_reached", "failed"):
-        a.outcome = "requeue_limit" if a.requeue == "limit_reached" else "requeue_failed"
+    elif a.requeue in (RequeueOutcomeName.LIMIT_REACHED, RequeueOutcomeName.FAILED):
+        a.outcome = "requeue_limit" if a.requeue == RequeueOutcomeName.LIMIT_REACHED else "requeue_failed"
     elif a.exit_code is not None:
         a.outcome = {REQUEUE_EXIT_CODE: "preempted", 0: "finished"}.get(a.exit_code, "failed")
     elif last:
@@ -327,7 +347,8 @@ def _attempt(index: int, events: list[dict[str, Any]], now: float, last: bool = 
     # else: a later attempt started, so this one ended without a record ("crashed").
 
     # The training interval ends at the agreed stop or the finish; otherwise at the attempt's end.
-    stop = (kinds.get("stop_agreed") or kinds.get("finish") or [None])[0]
+    stops = kinds.get(Event.STOP_AGREED) or kinds.get(Event.FINISH)
+    stop = stops[0] if stops else None
     if a.train_started_at is None:
         a.startup_seconds = max(0.0, a.ended_at - a.started_at)
         return a
@@ -338,7 +359,7 @@ def _attempt(index: int, events: list[dict[str, Any]], now: float, last: bool = 
         a.train_ended_at = a.ended_at
         a.end_step = a.points[-1][1] if a.points else None
     if a.end_step is None:
-        a.end_step = a.resumed_step
+        a.end_step = a.resumed_from_step
     in_training = sum(float(e.get("seconds") or 0.0) for e in saves if float(e["time"]) <= a.train_ended_at)
     a.training_seconds = a.useful_seconds = max(0.0, a.train_ended_at - a.train_started_at - in_training)
     return a
@@ -394,15 +415,16 @@ def _account_lost_work(attempts: list[AttemptInfo], last_committed: Optional[int
         floor = resume_floor
         if i == len(attempts) - 1 and a.outcome not in ("running", "finished", "unknown"):
             floor = last_committed if last_committed is not None else 0  # where a restart would resume
-        if a.end_step is not None and a.resumed_step is not None and floor is not None and floor < a.end_step:
-            kept = max(floor, a.resumed_step)
+        if a.end_step is not None and a.resumed_from_step is not None and floor is not None and floor < a.end_step:
+            kept = max(floor, a.resumed_from_step)
             a.steps_lost = a.end_step - kept
             reached = time_at_step(a.points, kept)
             if reached is not None and a.train_ended_at is not None:
                 a.redone_seconds = min(a.training_seconds, max(0.0, a.train_ended_at - reached))
                 a.useful_seconds = a.training_seconds - a.redone_seconds
-        if a.resumed_step is not None:
-            resume_floor = a.resumed_step if resume_floor is None else min(resume_floor, a.resumed_step)
+        if a.resumed_from_step is not None:
+            resume_floor = (a.resumed_from_step if resume_floor is None
+                            else min(resume_floor, a.resumed_from_step))
 
 
 def _interruptions(attempts: list[AttemptInfo]) -> list[Interruption]:
@@ -415,8 +437,9 @@ def _interruptions(attempts: list[AttemptInfo]) -> list[Interruption]:
         queue = max(0.0, nxt.started_at - a.ended_at) if nxt else None
         restart = nxt.startup_seconds if nxt else None
         out.append(Interruption(
-            attempt=a.index, cause=a.outcome, reason=a.stop_reason or a.signal, signal=a.signal, stop_step=a.stop_step, checkpoint_step=a.checkpoint_step,
-            resumed_step=nxt.resumed_step if nxt else None, steps_lost=a.steps_lost, redone_seconds=a.redone_seconds,
+            attempt=a.index, cause=a.outcome, reason=a.stop_reason or a.signal, signal=a.signal, stop_step=a.stop_step,
+            checkpoint_step=a.checkpoint_step, resumed_from_step=nxt.resumed_from_step if nxt else None,
+            steps_lost=a.steps_lost, redone_seconds=a.redone_seconds,
             stopping_seconds=stopping, queue_seconds=queue, restart_seconds=restart,
             time_lost_seconds=a.redone_seconds + stopping + (queue or 0.0) + (restart or 0.0)))
     return out
@@ -443,9 +466,9 @@ def _state(attempts: list[AttemptInfo], record: dict[str, Any], last_committed: 
     resume = (f"a restart resumes from step {last_committed}" if last_committed is not None
               else "no valid checkpoint: a restart starts from scratch")
     if not attempts:
-        status = str(record.get("status", ""))
-        state = {"finished": "finished", "preempted": "preempted", "requeue_limit": "failed",
-                 "requeue_failed": "failed"}.get(status, "unknown")
+        status = str(record.get(RunRecordKey.STATUS, ""))
+        state = {RunStatus.FINISHED: "finished", RunStatus.PREEMPTED: "preempted", RunStatus.REQUEUE_LIMIT: "failed",
+                 RunStatus.REQUEUE_FAILED: "failed"}.get(status, "unknown")
         return state, f"no journal (events.jsonl); run.json says {status or 'nothing'}"
     a = attempts[-1]
     where = f"attempt {a.index} on {a.host or '?'} (pid {a.pid})"
@@ -457,7 +480,7 @@ def _state(attempts: list[AttemptInfo], record: dict[str, Any], last_committed: 
     if a.outcome == "preempted":
         waiting = f"{_duration(now - a.ended_at)} ago"
         why = a.stop_reason or a.signal or "signal"
-        if a.requeue in ("requested", None):
+        if a.requeue in (RequeueOutcomeName.REQUESTED, None):
             return "preempted", f"stopped at step {a.stop_step} ({why}) {waiting}, requeue requested; {resume}"
         return "preempted", (f"stopped at step {a.stop_step} ({why}) {waiting}, but nothing requeued it "
                              f"({a.requeue_detail or a.requeue}): start the same command again; {resume}")

@@ -10,15 +10,16 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import IO, Any, Callable, Optional, Sequence
 
 import psutil
 
+from preemptible.core.environment import JobEnvironment
 from preemptible.core.exit import REQUEUE_EXIT_CODE
-from preemptible.core.journal import read_events
-from preemptible.core.rundir import read_progress
+from preemptible.core.rundir import RunDirError, read_progress, resolve_run_dir
+from preemptible.core.schema import JOURNAL_FILE, PROGRESS_FILE, Event, read_events
 from preemptible.core.signals import parse_signal
 
 
@@ -28,7 +29,8 @@ class Preemption:
 
     at_step: Optional[int] = None
     after_seconds: Optional[float] = None
-    #: signal once the run's journal records this event in the current attempt ("start", "resume", "train_start").
+    #: signal once the run's journal records this event in the current attempt (``Event.START``, ``Event.RESUME``,
+    #: ``Event.TRAIN_START``, ...).
     at_event: Optional[str] = None
     signal: signal.Signals = signal.SIGUSR1
     #: "tree" (every process of the job, as SLURM does), or "rank:N" (only that rank's process).
@@ -93,6 +95,8 @@ class LocalSupervisor:
         timeout: seconds an attempt may take before it is killed (no test may hang).
         env: extra environment variables.
         on_event: called with a line of text for each notable event (the CLI prints them).
+        stdout: where the command's output goes, stderr included (a file or a descriptor, as for ``subprocess.Popen``);
+            None: inherited from this process.
     """
 
     def __init__(
@@ -104,13 +108,13 @@ class LocalSupervisor:
         timeout: float = 600.0,
         env: Optional[dict[str, str]] = None,
         on_event: Optional[Callable[[str], None]] = None,
-        stdout: Optional[object] = None,
+        stdout: Optional[int | IO[Any]] = None,
         on_tick: Optional[Callable[[int, Optional[dict]], None]] = None,
     ) -> None:
         if not command:
             raise ValueError("no command to run: put it after '--', e.g. preemptible run -- python train.py")
         self.command = list(command)
-        self.run_dir = Path(run_dir) if run_dir is not None else _run_dir_from_env()
+        self.run_dir = _run_dir(run_dir)
         if any(p.at_step is not None or p.at_event is not None for p in plan) and self.run_dir is None:
             raise ValueError("--preempt-at-step needs the run directory to follow training progress: "
                              "pass --run-dir or export PREEMPTIBLE_RUN_DIR")
@@ -154,7 +158,7 @@ class LocalSupervisor:
         attempt = Attempt(index=index, command=self.command)
         follow = preemption is not None and preemption.at_step is not None
         if follow and self.run_dir is not None:
-            (self.run_dir / "progress.json").unlink(missing_ok=True)
+            (self.run_dir / PROGRESS_FILE).unlink(missing_ok=True)
         attempt.started = time.time()
         proc = subprocess.Popen(self.command, env=self._environment(index, follow), start_new_session=True,
                                 stdout=self.stdout, stderr=subprocess.STDOUT if self.stdout is not None else None)
@@ -209,30 +213,37 @@ class LocalSupervisor:
         if p.at_event is not None:
             assert self.run_dir is not None
             return any(e.get("event") == p.at_event and e.get("time", 0) >= attempt.started
-                       for e in read_events(self.run_dir / "events.jsonl"))
+                       for e in read_events(self.run_dir / JOURNAL_FILE))
         progress = read_progress(self.run_dir) if self.run_dir else None
         return bool(progress and progress.get("time", 0) >= attempt.started and progress.get("step", -1) >= (p.at_step or 0))
 
     def _fill_from_journal(self, summary: RunSummary) -> None:
         if self.run_dir is None:
             return
-        events = list(read_events(self.run_dir / "events.jsonl"))
+        events = list(read_events(self.run_dir / JOURNAL_FILE))
         for a in summary.attempts:
             mine = [e for e in events if a.started <= e.get("time", 0) <= a.ended + 1 and e.get("rank") == 0]
             for e in mine:
                 kind = e.get("event")
-                if kind == "stop_agreed":
+                if kind == Event.STOP_AGREED:
                     a.stop_step = e.get("step")
-                elif kind == "checkpoint":
+                elif kind == Event.CHECKPOINT:
                     a.checkpoint, a.save_seconds = e.get("path"), e.get("seconds")
                     a.signal_to_commit = e.get("signal_to_commit_seconds")
-                elif kind == "train_start" and a.first_step_at is None:
+                elif kind == Event.TRAIN_START and a.first_step_at is None:
                     a.resumed_from_step, a.first_step_at = e.get("step"), e.get("time")
 
 
-def _run_dir_from_env() -> Optional[Path]:
-    value = os.environ.get("PREEMPTIBLE_RUN_DIR")
-    return Path(value) if value else None
+def _run_dir(run_dir: Optional[os.PathLike[str] | str]) -> Optional[Path]:
+    """``run_dir``, else ``$PREEMPTIBLE_RUN_DIR``, else ``None``.
+
+    Unlike the callback, the supervisor does not fall back to ``runs/<SLURM_JOB_ID>``: the command may
+    name its own run directory, and following a guessed one would watch the wrong files.
+    """
+    try:
+        return resolve_run_dir(run_dir, env=replace(JobEnvironment.from_env(), slurm_job_id=None))
+    except RunDirError:
+        return None
 
 
 def _session(root_pid: int) -> list[psutil.Process]:

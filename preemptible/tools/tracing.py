@@ -19,6 +19,9 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from preemptible.core.environment import JobEnvironment
+from preemptible.core.schema import TraceKind, trace_entry
+
 
 def state_digest(module: nn.Module) -> str:
     """sha256 over ``module.state_dict()`` in key order: equal digests mean bitwise-equal weights and buffers."""
@@ -42,12 +45,8 @@ def _loss_of(outputs: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _attempt() -> int:
-    return max(int(os.environ.get("PREEMPTIBLE_ATTEMPT", "0") or 0), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0))
-
-
 class StepRecorder(pl.Callback):
-    """Append ``{"kind", "rank", "epoch", "batch", "step", "attempt", "loss"}`` per batch to ``path``.
+    """Append one :func:`~preemptible.core.schema.trace_entry` per batch to ``path`` (fields: ``TRACE_FIELDS``).
 
     Args:
         path: the JSON-lines file (all ranks append to it; each line is written whole).
@@ -61,29 +60,31 @@ class StepRecorder(pl.Callback):
         self.path = Path(path)
         self.params = params
         self.final_state = final_state
+        self.attempt = JobEnvironment.from_env().restart_count  # this process's attempt: read once
 
     def _write(self, trainer: "pl.Trainer", kind: str, batch_idx: Optional[int] = None, **fields: Any) -> None:
-        entry = {"kind": kind, "rank": trainer.global_rank, "epoch": trainer.current_epoch, "batch": batch_idx,
-                 "step": trainer.global_step, "attempt": _attempt(), **fields}
+        entry = trace_entry(kind, trainer.global_rank, trainer.current_epoch, batch_idx, trainer.global_step,
+                            self.attempt, **fields)
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         loss = _loss_of(outputs)
         fields: dict[str, Any] = {"loss": float(loss.detach()).hex() if loss is not None else None}
         if self.params:
             fields["weights"] = state_digest(pl_module)
         # global_step has already moved past this batch's optimizer step: record the step it trained at.
-        self._write(trainer, "train", batch_idx, **fields)
+        self._write(trainer, TraceKind.TRAIN, batch_idx, **fields)
 
     def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         loss = _loss_of(outputs)
         if not trainer.sanity_checking and loss is not None:
-            self._write(trainer, "val", batch_idx, loss=float(loss.detach()).hex())
+            self._write(trainer, TraceKind.VAL, batch_idx, loss=float(loss.detach()).hex())
 
     def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._write(trainer, "final", weights=state_digest(pl_module))
+        self._write(trainer, TraceKind.FINAL, weights=state_digest(pl_module))
         if self.final_state:
             torch.save(pl_module.state_dict(), self.path.with_suffix(f".rank{trainer.global_rank}.pt"))
 
@@ -103,8 +104,9 @@ class SignalAtStep(pl.Callback):
         ranks: the global ranks that signal themselves (default all).
     """
 
-    def __init__(self, at: Sequence[str], signum: int | signal.Signals = signal.SIGUSR1, ranks: Optional[Sequence[int]] = None) -> None:
-        attempt = _attempt()
+    def __init__(self, at: Sequence[str], signum: int | signal.Signals = signal.SIGUSR1,
+                 ranks: Optional[Sequence[int]] = None) -> None:
+        attempt = JobEnvironment.from_env().restart_count
         self.point = at[attempt] if attempt < len(at) else None
         self.signum = signum
         self.ranks = set(ranks) if ranks is not None else None
@@ -120,7 +122,8 @@ class SignalAtStep(pl.Callback):
         if self.point == "0":
             self._fire(trainer)
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         if self.point is None or self.point.startswith("v") or self.point == "0":
             return
         step = int(self.point.rstrip("+"))
@@ -134,5 +137,6 @@ class SignalAtStep(pl.Callback):
 
     def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.point and self.point.startswith("v") and not trainer.sanity_checking and trainer.global_step == int(self.point[1:]):
+        if (self.point and self.point.startswith("v") and not trainer.sanity_checking
+                and trainer.global_step == int(self.point[1:])):
             self._fire(trainer)
