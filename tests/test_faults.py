@@ -1,38 +1,33 @@
 """Fault injection (issue 6), in small numbers: SIGKILL during checkpoint writes, damaged files, disk full,
 signals in awkward places, retention over repeated preemptions.
 
-The campaigns with hundreds of trials are ``make faults`` (``benchmarks/faults.py``); that script also
-provides the child processes used here (a looping checkpoint writer, the example training with a bigger
-checkpoint and self-signals) and the checks that recompute every committed checkpoint from its bytes
-instead of trusting the store.
+The campaigns with hundreds of trials are ``make faults`` (``benchmarks/faults.py``); both run the harness
+in :mod:`preemptible.tools.faults`: the child processes used here (a looping checkpoint writer, the example
+training with a bigger checkpoint and self-signals) and the checks that recompute every committed checkpoint
+from its bytes instead of trusting the store.
+
+Timing. Where a test needs a fault to land at a state (a step, mid-write, after the commit, before the resumed
+run's first step), the child holds there (``children train --hold``, a sleep that trains nothing and draws no
+random number) until the fault has come, so the test does not race the clock on a busy machine. Where the fault
+is defined by timing (SIGKILL at a random moment), the window is kept and the assertions do not depend on where
+the fault landed (see the comments there).
 """
 
 from __future__ import annotations
 
 import errno
-import importlib.util
+import json
 import re
 import signal
-import sys
 from pathlib import Path
 
 import pytest
 from helpers import assert_same_as_reference
 
+from preemptible.core.schema import CHECKPOINT_DIR, COMMIT_SUFFIX, RECORD_FILE, Event, RunRecordKey, RunStatus
 from preemptible.core.store import CheckpointError, CheckpointStore
+from preemptible.tools import faults
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_campaign():
-    spec = importlib.util.spec_from_file_location("preemptible_fault_campaign", REPO / "benchmarks" / "faults.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-faults = _load_campaign()
 MiB = faults.MiB
 # The configuration of test_preemption.py, so that the session's uninterrupted reference run is shared.
 STEPS, SLEEP = 24, 0.05
@@ -49,7 +44,7 @@ def _chain(tmp_path, scripts, reference, **kw):
 
 
 def _committed(run_dir: Path) -> list[str]:
-    return sorted(p.name[: -len(".commit.json")] for p in (run_dir / "checkpoints").glob("step-*.ckpt.commit.json"))
+    return sorted(p.name[: -len(COMMIT_SUFFIX)] for p in (run_dir / CHECKPOINT_DIR).glob("step-*.ckpt" + COMMIT_SUFFIX))
 
 
 def _name(step: int) -> str:
@@ -62,6 +57,11 @@ def _name(step: int) -> str:
 def test_sigkill_during_store_writes_keeps_the_newest_complete_checkpoint(tmp_path: Path) -> None:
     # 10 restarts of a writer committing 8 MiB checkpoints in a loop, each SIGKILLed: half when its temp file
     # reaches a random size (certainly mid-write), half after a random delay.
+    # The window is the fault itself (a kill at a random moment): wherever a kill lands (start-up, mid-write,
+    # between rename and record, during pruning, between writes), every trial must resume the newest complete
+    # checkpoint and lose none, so the outcome counts below hold for any timing. Only the last line depends on
+    # where a kill landed: a kill timed by the temp file's size lands before the writer's fsync and rename
+    # (the writer is still writing or syncing the rest of 8 MiB), and the seed draws several such kills.
     tally = faults.store_kill_trials(tmp_path, 10, seed=61, size=8 * MiB, max_delay=0.5, targeted=0.5)
     assert tally.problems == []
     assert (tally.trials, tally.injected, tally.resumed_newest) == (10, 10, 10)
@@ -71,21 +71,25 @@ def test_sigkill_during_store_writes_keeps_the_newest_complete_checkpoint(tmp_pa
 
 
 def test_sigkill_during_and_right_after_the_emergency_save(tmp_path: Path, reference_run) -> None:
-    # Attempt 0: SIGUSR1, then SIGKILL the moment its checkpoint's commit record appears (on the way out).
-    # Attempt 1 resumes that checkpoint; SIGUSR1, then SIGKILL the moment the next checkpoint's temp file appears.
-    # Attempt 2 must skip the partial file, resume attempt 0's checkpoint, and finish like an uninterrupted run.
+    # Attempt 0: SIGUSR1 after step 3, then SIGKILL once its checkpoint's commit record is written (on the way out).
+    # Attempt 1 resumes that checkpoint; SIGUSR1 after its 3rd step, then SIGKILL in the middle of writing the next
+    # checkpoint. Attempt 2 must skip the partial file, resume attempt 0's checkpoint, and finish like an
+    # uninterrupted run. The holds: each attempt waits after its 3rd step until the signal is recorded (the stop
+    # is the next step), and in the commit / mid-write until it is killed.
     tally, (committed, partial, last) = _chain(
-        tmp_path, [faults.fault_kill_when("record"), faults.fault_kill_when("temp")], _reference(reference_run),
-        ballast_mb=16, expect_exit=-signal.SIGKILL)
+        tmp_path, [faults.fault_kill_when("record", held=True), faults.fault_kill_when("temp", held=True)],
+        _reference(reference_run), ballast_mb=16, expect_exit=-signal.SIGKILL,
+        options={"hold": ["step:3,after-commit", "step:3,mid-write", "-"]})
     assert tally.problems == [], "\n".join(tally.problems)
-    step = committed.event("stop_agreed")["step"]
+    step = committed.event(Event.STOP_AGREED)["step"]
+    assert step == 4 and partial.event(Event.STOP_AGREED)["step"] == step + 4
     assert committed.exit_code == -signal.SIGKILL and committed.notes["moment"] == "killed after the commit (on the way out)"
     assert partial.start_step == step, "the checkpoint committed just before the kill is the one resumed"
     assert partial.exit_code == -signal.SIGKILL and partial.notes["moment"] == "killed mid-write (temp file left)"
-    assert partial.event("stop_agreed")["step"] > step
+    assert partial.event(Event.STOP_AGREED)["step"] > step
     assert last.start_step == step and last.exit_code == 0, "the partial write is never loaded; the previous one is"
     assert tally.resumed_newest == 2
-    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*")), "the dead writer's temp file is removed on restart"
+    assert not list((tmp_path / "run" / CHECKPOINT_DIR).glob(".tmp-*")), "the dead writer's temp file is removed on restart"
     # 'every loss and the final weights bitwise equal' is checked by the chain (no problem was reported)
     assert tally.notes == ["every loss and the final weights are bitwise those of an uninterrupted run"]
 
@@ -113,7 +117,7 @@ def test_quarantine_never_overwrites_an_earlier_quarantined_file(tmp_path: Path)
         bad.path.write_bytes(b"damaged %d" % i)
         with pytest.warns(UserWarning, match=bad.path.name):
             assert store.latest_valid().path == good.path
-    kept = sorted(p.read_bytes() for p in (tmp_path / "quarantine").iterdir() if ".commit.json" not in p.name)
+    kept = sorted(p.read_bytes() for p in (tmp_path / "quarantine").iterdir() if COMMIT_SUFFIX not in p.name)
     assert kept == [b"damaged 0", b"damaged 1"]
 
 
@@ -162,18 +166,21 @@ def test_a_failed_commit_record_write_leaves_the_previous_checkpoint_and_no_file
 def test_disk_full_in_the_emergency_save_is_a_clear_error(tmp_path: Path, reference_run) -> None:
     # Attempt 0 is preempted normally (checkpoint A). Attempt 1 runs with RLIMIT_FSIZE = 1 MiB and a ~4 MiB
     # checkpoint: its emergency save fails. Attempt 2 resumes A and finishes like an uninterrupted run.
+    # Each signal goes after the attempt's 3rd step, which holds until it is recorded: the stops are steps 4 and 8.
     tally, (first, failed, last) = _chain(
         tmp_path, [faults.fault_plain_preemption(), faults.fault_plain_preemption()], _reference(reference_run),
-        ballast_mb=4, expect_exit=1, scene=1, preexec=faults.fsize_limit(MiB), error_text=("CheckpointError",))
+        ballast_mb=4, expect_exit=1, scene=1, preexec=faults.fsize_limit(MiB), error_text=("CheckpointError",),
+        options={"hold": ["step:3", "step:3", "-"]})
     assert tally.problems == [], "\n".join(tally.problems)
     saved = first.checkpoint_event["step"]
     assert first.exit_code == 144 and _committed(tmp_path / "run") != []
-    stop = failed.event("stop_agreed")["step"]
+    stop = failed.event(Event.STOP_AGREED)["step"]
+    assert (saved, stop) == (4, 8)
     assert failed.start_step == saved and stop > saved and failed.exit_code == 1
     final = faults.final_error(failed.output)  # the last line of the traceback: what the user reads
     assert "CheckpointError: " in final and (_name(stop) in final or f"step {stop}" in final), failed.output[-2000:]
     assert failed.checkpoint_event is None
-    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*")), "no half-written file is left behind"
+    assert not list((tmp_path / "run" / CHECKPOINT_DIR).glob(".tmp-*")), "no half-written file is left behind"
     assert last.start_step == saved and last.exit_code == 0, "the next start resumes the intact previous checkpoint"
     assert tally.clear_error == 1 and tally.resumed_newest == 1
     # torch.save turns the file's OSError into a RuntimeError about zip positions: the message must still name the cause.
@@ -184,26 +191,30 @@ def test_disk_full_in_the_emergency_save_is_a_clear_error(tmp_path: Path, refere
 # Signals in awkward places
 # =====================================================================================================
 def test_storm_of_signals_with_sigterms_while_the_checkpoint_is_written(tmp_path: Path, reference_run) -> None:
-    # SIGUSR1 at a random step; 30 SIGTERMs the moment the checkpoint's temp file appears; then SIGUSR1/TERM/USR2
-    # every 0-4 ms, 100 at least and on until the process is gone.
-    tally, (stormed, last) = _chain(tmp_path, [faults.fault_storm()], _reference(reference_run), ballast_mb=16,
-                                    expect_exit=144)
+    # SIGUSR1 after step 3 (held there until recorded: the stop is step 4); the attempt holds in the middle of
+    # writing the checkpoint while 30 SIGTERMs and then SIGUSR1/TERM/USR2 every 0-2 ms, 100 in all, arrive; then
+    # it is released and the storm goes on every 0-4 ms until the process is gone.
+    tally, (stormed, last) = _chain(tmp_path, [faults.fault_storm(held=True, lead=3)], _reference(reference_run),
+                                    ballast_mb=16, expect_exit=144, options={"hold": ["step:3,mid-write", "-"]})
     assert tally.problems == [], "\n".join(tally.problems)
     # A signal that lands while the interpreter finalizes (Python then resets its handlers to SIG_DFL) must not
     # turn the requeue exit into a death by signal.
     assert stormed.exit_code == 144
     assert sum(stormed.sent.values()) >= 100 and stormed.sent["SIGTERM"] >= 30
     assert stormed.notes["moment"] == "SIGTERM burst landed while writing"
-    stop = stormed.event("stop_agreed")["step"]
-    assert stormed.checkpoint_event["step"] == stop and _committed(tmp_path / "run")[0] == _name(stop)
-    assert [e["count"] for e in stormed.events if e["event"] == "signal"] == [1], "one signal noted, one save"
+    stop = stormed.event(Event.STOP_AGREED)["step"]
+    assert stop == 4 and stormed.checkpoint_event["step"] == stop and _committed(tmp_path / "run")[0] == _name(stop)
+    assert [e["count"] for e in stormed.events if e["event"] == Event.SIGNAL] == [1], "one signal noted, one save"
     assert last.start_step == stop and last.exit_code == 0
     assert tally.notes == ["every loss and the final weights are bitwise those of an uninterrupted run"]
 
 
 def test_second_preemption_right_after_resume_and_retention(tmp_path: Path, reference_run) -> None:
-    # Five preemptions in one run (keep=2): at step 4; during the resumed run's set-up (before any step); right
-    # after the resumed run's first step; then twice more. The checkpoints present are checked after each.
+    # Five preemptions in one run (keep=2): after step 4; during the resumed run's set-up (before any step); right
+    # after the resumed run's first step; then twice more, 4 steps after the start. The checkpoints present are
+    # checked after each. Every signal is sent when the progress file (or, for the set-up, the resume event)
+    # shows the state, and the attempt holds there until the signal is recorded: each stop is at a known step
+    # (the step after the signal), however long the signal takes to arrive.
     present: dict[int, list[str]] = {}
 
     def snapshot(k: int) -> None:
@@ -212,28 +223,31 @@ def test_second_preemption_right_after_resume_and_retention(tmp_path: Path, refe
     scripts = [faults.fault_early_second("first"), faults.fault_early_second("before-first-step"),
                faults.fault_early_second("after-first-step"), faults.fault_plain_preemption(4),
                faults.fault_plain_preemption(4)]
-    tally, results = _chain(tmp_path, scripts, _reference(reference_run), ballast_mb=0, expect_exit=144, between=snapshot)
+    holds = ["step:4", "train-start", "step:1", "step:4", "step:4", "-"]
+    tally, results = _chain(tmp_path, scripts, _reference(reference_run), ballast_mb=0, expect_exit=144, between=snapshot,
+                            options={"hold": holds})
     assert tally.problems == [], "\n".join(tally.problems)
     assert [r.exit_code for r in results] == [144] * 5 + [0]
     a = results[0].checkpoint_event["step"]
+    assert a == 5
     # A signal before the resumed run's first step: it stops at once, saves nothing new, exits for a requeue.
-    assert results[1].start_step == a and results[1].event("stop_agreed")["step"] == a
+    assert results[1].start_step == a and results[1].event(Event.STOP_AGREED)["step"] == a
     assert results[1].checkpoint_event is None
-    # A signal right after the resumed run's first step: a new checkpoint at the next step boundary or so (the
-    # signal is sent when step a+1 is reported; a busy machine may delay it by a step).
+    # A signal right after the resumed run's first step (a + 1): a new checkpoint at the next step boundary.
     assert results[2].start_step == a
     b = results[2].checkpoint_event["step"]
-    assert a + 1 <= b <= a + 3
+    assert b == a + 2
     c = results[3].checkpoint_event["step"]
     d = results[4].checkpoint_event["step"]
+    assert (c, d) == (b + 5, b + 10)
     assert [r.start_step for r in results] == [0, a, a, b, c, d]
     # keep=2: the oldest committed checkpoint is pruned (deleted with its record, not quarantined), never the one
     # the run resumed from; the finished run leaves its final checkpoint and its predecessor.
     assert present == {0: [], 1: [_name(a)], 2: [_name(a)], 3: [_name(a), _name(b)], 4: [_name(b), _name(c)],
                        5: [_name(c), _name(d)]}
     assert _committed(tmp_path / "run") == [_name(d), _name(STEPS)]
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == sorted(
-        [_name(d), _name(d) + ".commit.json", _name(STEPS), _name(STEPS) + ".commit.json"])
+    assert sorted(p.name for p in (tmp_path / "run" / CHECKPOINT_DIR).iterdir()) == sorted(
+        [_name(d), _name(d) + COMMIT_SUFFIX, _name(STEPS), _name(STEPS) + COMMIT_SUFFIX])
     assert tally.notes == ["every loss and the final weights are bitwise those of an uninterrupted run"]
 
 
@@ -245,7 +259,7 @@ def test_signal_during_the_sanity_check(tmp_path: Path, reference_run) -> None:
                                                     self_signal=["sanity:TERM"], **options), run_dir, 0)
     assert "faults: self-signal SIGTERM at sanity" in first.output
     assert first.exit_code == 144, first.output[-2000:]
-    assert first.event("stop_agreed")["step"] == 0 and first.checkpoint_event is None, "nothing trained: nothing saved"
+    assert first.event(Event.STOP_AGREED)["step"] == 0 and first.checkpoint_event is None, "nothing trained: nothing saved"
     assert faults.load_losses(tmp_path / "record-0.jsonl") == ({}, {})
     assert _committed(run_dir) == []
     second = faults.run_attempt(faults.train_command(tmp_path / "record-1.jsonl", max_steps=STEPS, step_sleep=SLEEP,
@@ -254,37 +268,64 @@ def test_signal_during_the_sanity_check(tmp_path: Path, reference_run) -> None:
     assert_same_as_reference(tmp_path / "record-1.jsonl", reference)
 
 
-@pytest.mark.parametrize("point", ["train_end", "fit_end"])
-def test_sigterm_after_the_last_step(tmp_path: Path, point: str) -> None:
-    # train_end: preemptible's recording handler is in place. fit_end: Lightning has already restored the
-    # handlers that were there before fit, and preemptible's own on_fit_end has not run yet.
+def _final_checkpoint_digest(run_dir: Path, steps: int) -> str:
+    """The final checkpoint is committed, intact and loadable, alone and without leftovers: its weights' digest."""
     import torch
 
     from preemptible.tools.tracing import state_digest
 
+    inv = faults.inventory(run_dir / CHECKPOINT_DIR, loadable=True)
+    assert (inv.broken, inv.temps, inv.orphans) == ([], [], [])
+    assert inv.intact == {_name(steps): steps}, "the final checkpoint was committed before the signal"
+    state = torch.load(run_dir / CHECKPOINT_DIR / _name(steps), map_location="cpu", weights_only=True)["state_dict"]
+    return state_digest(type("Saved", (), {"state_dict": lambda self: state})())
+
+
+def _assert_restart_trains_nothing(tmp_path: Path, run_dir: Path, steps: int, digest: str) -> None:
+    again = faults.run_attempt(faults.train_command(tmp_path / "record-1.jsonl", max_steps=steps), run_dir, 1)
+    losses, final = faults.load_losses(tmp_path / "record-1.jsonl")
+    assert again.exit_code == 0, again.output[-2000:]
+    assert [e["event"] for e in again.events] == [Event.RESUME, Event.FINISH], "the restart trains no step"
+    assert losses == {} and final == {0: digest}, "it ends with the weights of the final checkpoint"
+
+
+@pytest.mark.parametrize("point", ["train_end", "fit_end"])
+def test_sigterm_after_the_last_step(tmp_path: Path, point: str) -> None:
+    # train_end: preemptible's recording handler is in place. fit_end: Lightning has already restored the
+    # handlers that were there before fit, and preemptible's own on_fit_end has not run yet.
     run_dir = tmp_path / "run"
     first = faults.run_attempt(faults.train_command(tmp_path / "record-0.jsonl", max_steps=6,
                                                     self_signal=[f"{point}:TERM"]), run_dir, 0)
     assert f"faults: self-signal SIGTERM at {point}" in first.output
-    inv = faults.inventory(run_dir / "checkpoints", loadable=True)
-    assert (inv.broken, inv.temps, inv.orphans) == ([], [], [])
-    assert inv.intact == {_name(6): 6}, "the final checkpoint was committed before the signal"
-    state = torch.load(run_dir / "checkpoints" / _name(6), map_location="cpu", weights_only=True)["state_dict"]
-    digest = state_digest(type("Saved", (), {"state_dict": lambda self: state})())
-
-    again = faults.run_attempt(faults.train_command(tmp_path / "record-1.jsonl", max_steps=6), run_dir, 1)
-    losses, final = faults.load_losses(tmp_path / "record-1.jsonl")
-    assert again.exit_code == 0
-    assert [e["event"] for e in again.events] == ["resume", "finish"], "the restart trains no step"
-    assert losses == {} and final == {0: digest}, "it ends with the weights of the final checkpoint"
+    digest = _final_checkpoint_digest(run_dir, 6)
+    _assert_restart_trains_nothing(tmp_path, run_dir, 6, digest)
+    # Both points: the finished run exits 0 (at fit_end too, where a SIGTERM once killed it with -15 before
+    # preemptible's on_fit_end: no "finish" in the journal, run.json still "running").
+    assert first.exit_code == 0, first.output[-2000:]
+    assert Event.FINISH in [e["event"] for e in first.events]
     if point == "train_end":
-        assert first.exit_code == 0
         assert faults.load_losses(tmp_path / "record-0.jsonl")[1] == {0: digest}
-        return
-    # fit_end: nothing was lost and the restart does nothing; but so far the process itself dies by SIGTERM there,
-    # before preemptible's on_fit_end, so the journal has no "finish" and run.json still says "running".
-    if first.exit_code == -signal.SIGTERM:
-        assert "finish" not in [e["event"] for e in first.events]
-        pytest.xfail("known issue (reported): a SIGTERM after Lightning restored the pre-fit handlers kills the "
-                     "finished run (exit -15) instead of letting it exit 0")
-    assert first.exit_code == 0 and "finish" in [e["event"] for e in first.events]
+
+
+def test_sigterm_in_the_last_moments_of_fit_teardown(tmp_path: Path) -> None:
+    # README, "Still open": a SIGTERM in the last moments of fit's teardown, after preemptible's teardown put the
+    # previous handlers back (here: the default action), kills the process. The child signals itself from a
+    # callback's teardown placed after preemptible's (no timing: the signal is sent at that point). What must
+    # hold even then, and does: the run had finished (journal, run.json, trace), its final checkpoint is
+    # committed, intact and loadable, and a restart trains nothing (it resumes at the end and exits 0).
+    run_dir = tmp_path / "run"
+    first = faults.run_attempt(faults.train_command(tmp_path / "record-0.jsonl", max_steps=6,
+                                                    self_signal=["teardown:TERM"]), run_dir, 0)
+    assert "faults: self-signal SIGTERM at teardown" in first.output
+    # Today's behaviour: death by the signal's default action (-15). If this becomes 0, the open case is fixed:
+    # say so in README ("Still open") and assert exit 0 here.
+    assert first.exit_code == -signal.SIGTERM, (first.exit_code, first.output[-2000:])
+    assert not first.timed_out
+    events = [e["event"] for e in first.events]
+    assert events[-1] == Event.FINISH and Event.EXIT not in events, events
+    record = json.loads((run_dir / RECORD_FILE).read_text())
+    assert (record[RunRecordKey.STATUS], record[RunRecordKey.FINISHED_STEP]) == (RunStatus.FINISHED, 6), record
+    digest = _final_checkpoint_digest(run_dir, 6)
+    losses, final = faults.load_losses(tmp_path / "record-0.jsonl")
+    assert len([k for k in losses if k[0] == "train"]) == 6 and final == {0: digest}
+    _assert_restart_trains_nothing(tmp_path, run_dir, 6, digest)

@@ -18,6 +18,7 @@ import pytest
 
 from preemptible import REQUEUE_EXIT_CODE
 from preemptible.cli import main as cli_main
+from preemptible.commands.sbatch import register
 from preemptible.scheduler.slurm import (
     SubmitError,
     build_values,
@@ -27,7 +28,6 @@ from preemptible.scheduler.slurm import (
     render_sbatch,
     submit,
 )
-from preemptible.commands.sbatch import register
 
 COMMAND = ["python", "train.py", "--lr", "0.1"]
 

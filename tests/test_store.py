@@ -147,9 +147,11 @@ def test_streamed_checksum_matches_the_bytes_on_disk(tmp_path: Path, algorithm: 
     order, and damage anywhere must be caught."""
     import random
 
+    from preemptible.core import checksums
     from preemptible.core import store as store_module
 
-    monkeypatch.setattr(store_module._HashingFile, "_SLICE", 1 << 20)  # several slices per large write
+    assert store_module.HashingFile is checksums.HashingFile, "the store writes through the checksum module's wrapper"
+    monkeypatch.setattr(checksums.HashingFile, "_SLICE", 1 << 20)  # several slices per large write
     rng = random.Random(3)
     pieces = [rng.randbytes(n) for n in (10, 3 << 20, 7, 1 << 20, (1 << 20) - 1, 5 << 20, 1)]
     store = CheckpointStore(tmp_path, checksum=algorithm)
@@ -207,7 +209,7 @@ def test_torch_checkpoints_are_written_without_the_zip_crc_and_load(tmp_path: Pa
 
     import torch
 
-    from preemptible.lightning.saving import torch_save_without_zip_crc
+    from preemptible.core.checkpointing import torch_save_without_zip_crc
 
     state = {"w": torch.arange(300_000, dtype=torch.float32), "step": 5}
     store = CheckpointStore(tmp_path)

@@ -89,7 +89,7 @@ class SeedingWorkerInit:
     def __call__(self, worker_id: int) -> None:
         info = torch.utils.data.get_worker_info()
         if info is not None:
-            dataset = info.dataset
+            dataset: Any = info.dataset
             original = getattr(dataset, "__getitems__", None)
             try:
                 dataset.__getitems__ = _SeedingGetItems(dataset, original)
@@ -135,8 +135,9 @@ class ResumableBatches:
             restore_rng(plan["epoch_rng"])
             # A DistributedSampler's order depends on its epoch. Loaders with workers pull indices as
             # soon as their iterator exists, which on resume is before Lightning calls set_epoch().
-            if plan.get("sampler_epoch") is not None and callable(getattr(sampler, "set_epoch", None)):
-                sampler.set_epoch(plan["sampler_epoch"])
+            set_epoch = getattr(sampler, "set_epoch", None)
+            if plan.get("sampler_epoch") is not None and callable(set_epoch):
+                set_epoch(plan["sampler_epoch"])
         self.sampler_epoch = getattr(sampler, "epoch", None)
         self.epoch_rng = capture_rng()
         self.epoch_seed = _seed_from_state(self.epoch_rng["torch"])

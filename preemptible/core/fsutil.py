@@ -43,7 +43,8 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> bool:
             _sync_file_range = False
     if not _sync_file_range or nbytes <= 0:
         return bool(_sync_file_range)
-    return _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE) == 0
+    started: int = _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+    return started == 0
 
 
 def temp_name(final: Path) -> Path:

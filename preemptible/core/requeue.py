@@ -99,7 +99,8 @@ class SlurmRequeue(RequeueBackend):
         try:
             done = subprocess.run([exe, "requeue", job], capture_output=True, text=True, timeout=self.timeout)
         except subprocess.TimeoutExpired:
-            raise RequeueError(f"'scontrol requeue {job}' did not answer within {self.timeout:.0f} s; the checkpoint is committed, resubmit to resume") from None
+            raise RequeueError(f"'scontrol requeue {job}' did not answer within {self.timeout:.0f} s; "
+                               "the checkpoint is committed, resubmit to resume") from None
         message = (done.stderr.strip() or done.stdout.strip())
         if done.returncode != 0 and "pending execution" in message.lower():
             # SLURM already requeued the job (an operator's `scontrol requeue`, or a preemption with
@@ -122,4 +123,6 @@ def select_backend(requeue: str | RequeueBackend, env: JobEnvironment) -> Requeu
         raise ValueError(f"requeue={requeue!r}: choose one of {', '.join(BACKENDS)} or pass a RequeueBackend")
     if requeue == "auto":
         requeue = "submitit" if env.under_submitit else "slurm" if env.under_slurm else "local"
-    return {"slurm": SlurmRequeue, "submitit": SubmititRequeue, "local": LocalRequeue, "none": RequeueBackend}[requeue]()
+    backends: dict[str, type[RequeueBackend]] = {"slurm": SlurmRequeue, "submitit": SubmititRequeue, "local": LocalRequeue,
+                                                 "none": RequeueBackend}
+    return backends[requeue]()

@@ -13,7 +13,6 @@ committed checkpoint or a temp file that no reader will ever pick up.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -21,19 +20,24 @@ import shutil
 import socket
 import time
 import warnings
-import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Optional
+from typing import IO, Callable, Iterator, Optional
 
-from preemptible.core.schema import COMMIT_SUFFIX, RECORD_FORMAT, CommitRecord
-from preemptible.core.fsutil import atomic_write_json, fsync_dir, pid_alive, read_json, start_writeback, temp_name
+# The checksum machinery lives in its own module (see there why); its names stay importable from here.
+from preemptible.core import checksums as _checksums
+from preemptible.core.checksums import CHECKSUMS, HashingFile, file_checksum
+from preemptible.core.fsutil import atomic_write_json, fsync_dir, pid_alive, read_json, temp_name
+from preemptible.core.schema import COMMIT_SUFFIX, CommitRecord
+
+__all__ = [
+    "CHECKSUMS", "COMMIT_SUFFIX", "CheckpointError", "CheckpointStore", "CommitRecord", "InvalidCheckpoint", "PendingCheckpoint",
+    "StoredCheckpoint", "file_checksum", "library_versions",
+]
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^step-(\d{9})(?:\.(\d+))?\.ckpt$")
-_CHUNK = 8 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -60,132 +64,9 @@ class StoredCheckpoint:
         return self.path.with_name(self.path.name + COMMIT_SUFFIX)
 
 
-class _Crc32:
-    """zlib's CRC-32 behind hashlib's interface: the code zip, gzip and PNG use against accidental damage.
-
-    It detects every error burst of up to 32 bits and misses other random damage (a torn or
-    overwritten block) with probability 2**-32, at two to three times sha256's speed; zlib releases
-    the GIL while computing it.
-    """
-
-    def __init__(self) -> None:
-        self._value = 0
-
-    def update(self, data: Any) -> None:
-        self._value = zlib.crc32(data, self._value)
-
-    def hexdigest(self) -> str:
-        return f"{self._value:08x}"
-
-
-CHECKSUMS: dict[str, Callable[[], Any]] = {"crc32": _Crc32, "sha256": hashlib.sha256}
-"""Checksum algorithms for new checkpoints: ``crc32`` (default) or ``sha256`` (a cryptographic digest,
-e.g. to compare with one kept elsewhere; slower to write and to check). Both detect damage, not
-tampering: whoever can rewrite a checkpoint can rewrite its commit record too."""
-
-
-def _checksummer(algorithm: str) -> Any:
-    try:
-        return CHECKSUMS[algorithm]()
-    except KeyError:
-        raise ValueError(f"checksum={algorithm!r} is not known: use one of {sorted(CHECKSUMS)}") from None
-
-
-def file_checksum(path: Path, algorithm: str) -> str:
-    """``"<algorithm>:<hex>"`` of a file's bytes, as stored in commit records."""
-    h = _checksummer(algorithm)
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return f"{algorithm}:{h.hexdigest()}"
-
-
-class _HashingFile:
-    """A write-only file wrapper that checksums the bytes as they go to disk, without copying them.
-
-    A checksum runs at 1-3 GB/s, a page-cache write about as fast: one after the other, they would
-    take twice as long as either. So a large buffer is checksummed on a helper thread *while* this
-    thread writes the same buffer (zlib, hashlib and the write syscall all release the GIL), and
-    ``write`` returns only when both are done: the caller may reuse its buffer afterwards, and the
-    bytes are checksummed in the order they were written. Small buffers (pickle frames, zip headers)
-    are checksummed inline, where a hand-off to the thread would cost more.
-
-    Large buffers are written in slices, and the kernel is asked to start writing each slice to the
-    disk right away (:func:`~preemptible.core.fsutil.start_writeback`), so that the disk works while the
-    serializer produces the rest instead of all at once in the final ``fsync``.
-    """
-
-    _INLINE = 1 << 20
-    _SLICE = 32 << 20
-
-    def __init__(self, f: IO[bytes], algorithm: str) -> None:
-        self._f = f
-        self.algorithm = algorithm
-        self._hash = _checksummer(algorithm)
-        self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preemptible-checksum")
-        try:
-            self._fd: Optional[int] = f.fileno()
-        except (AttributeError, OSError, ValueError):
-            self._fd = None
-        self._written_back = 0  # bytes before this offset were handed to the disk already
-        self.bytes = 0
-        self.seeked = False
-        self.error: Optional[OSError] = None
-
-    def write(self, data: Any) -> int:
-        view = memoryview(data).cast("B")
-        hashed: Optional[Future[None]] = None
-        if len(view) >= self._INLINE:
-            hashed = self._helper.submit(self._hash.update, view)
-        else:
-            self._hash.update(view)
-        try:
-            for start in range(0, len(view), self._SLICE):
-                piece = view[start:start + self._SLICE]
-                self._f.write(piece)
-                self.bytes += len(piece)
-                if hashed is not None:
-                    self._start_writeback()
-        except OSError as exc:
-            # torch.save reports a failed write as a RuntimeError about zip positions; keep the real cause.
-            self.error = exc
-            raise
-        finally:
-            if hashed is not None:
-                hashed.result()
-        return len(view)
-
-    def _start_writeback(self) -> None:
-        if self._fd is None or self.seeked:
-            return
-        self._f.flush()  # small writes still in the file object's buffer come first
-        if not start_writeback(self._fd, self._written_back, self.bytes - self._written_back):
-            self._fd = None
-        self._written_back = self.bytes
-
-    def flush(self) -> None:
-        self._f.flush()
-
-    def tell(self) -> int:
-        return self._f.tell()
-
-    def seek(self, *args: Any) -> int:
-        # A writer that seeks back rewrites bytes we already hashed: fall back to re-reading.
-        self.seeked = True
-        return self._f.seek(*args)
-
-    def close_hash(self) -> None:
-        """Stop the helper thread (always called, also when the write failed)."""
-        self._helper.shutdown(wait=True)
-
-    def checksum(self) -> str:
-        self.close_hash()
-        return f"{self.algorithm}:{self._hash.hexdigest()}"
-
-
 def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
     import platform
+    from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
     for dist in ("preemptible", "torch", "pytorch-lightning"):
@@ -230,7 +111,7 @@ class CheckpointStore:
     def __init__(self, directory: str | os.PathLike[str], keep: int = 2, checksum: str = "crc32") -> None:
         if keep < 2:
             raise ValueError(f"keep={keep}: at least 2 checkpoints are always kept (a damaged newest one needs a fallback)")
-        _checksummer(checksum)
+        _checksums.checksummer(checksum)
         self.directory = Path(directory)
         self.keep = keep
         self.checksum = checksum
@@ -248,10 +129,10 @@ class CheckpointStore:
 
     def write(self, pending: PendingCheckpoint, writer: Callable[[IO[bytes]], None]) -> None:
         """Stream the checkpoint through ``writer(file)`` into the temp file, checksumming on the way, fsync once."""
-        hashing: Optional[_HashingFile] = None
+        hashing: Optional[HashingFile] = None
         try:
             with open(pending.temp_path, "wb") as raw:
-                hashing = _HashingFile(raw, self.checksum)
+                hashing = HashingFile(raw, self.checksum)
                 try:
                     writer(hashing)  # type: ignore[arg-type]
                     raw.flush()
@@ -322,7 +203,8 @@ class CheckpointStore:
                 record = self._read_record(record_path)
             except InvalidCheckpoint as exc:
                 # A damaged record still marks an entry; it is reported and quarantined by latest_valid().
-                record = CommitRecord(file=path.name, step=_step_from_name(path.name), bytes=-1, checksum="", extra={"error": str(exc)})
+                record = CommitRecord(file=path.name, step=_step_from_name(path.name), bytes=-1, checksum="",
+                                      extra={"error": str(exc)})
             found.append(StoredCheckpoint(path, record))
         found.sort(key=lambda c: (c.record.step, c.record.time, c.path.name))
         return found
@@ -330,16 +212,12 @@ class CheckpointStore:
     @staticmethod
     def _read_record(record_path: Path) -> CommitRecord:
         try:
-            raw = read_json(record_path)
-            if "checksum" not in raw and raw.get("sha256"):  # records of preemptible 0.1.0
-                raw["checksum"] = f"sha256:{raw['sha256']}"
+            raw = _checksums.upgrade_legacy_record(read_json(record_path))  # records of preemptible 0.1.0 named only a sha256
             known = {k: raw[k] for k in CommitRecord.__dataclass_fields__ if k in raw}
             record = CommitRecord(**known)
             if not isinstance(record.step, int) or not isinstance(record.bytes, int):
                 raise ValueError("missing step or bytes")
-            algorithm, _, digest = str(record.checksum).partition(":")
-            if algorithm not in CHECKSUMS or not digest:
-                raise ValueError(f"checksum {record.checksum!r} is missing or of an unknown kind (known: {sorted(CHECKSUMS)})")
+            _checksums.recorded_algorithm(record.checksum)
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise InvalidCheckpoint(f"commit record {record_path} is unreadable: {exc}") from exc
         return record
@@ -352,7 +230,8 @@ class CheckpointStore:
             raise InvalidCheckpoint(f"{ckpt.path} is listed in its commit record but the file is missing")
         size = ckpt.path.stat().st_size
         if size != ckpt.record.bytes:
-            raise InvalidCheckpoint(f"{ckpt.path} has {size} bytes, its commit record says {ckpt.record.bytes} (truncated or overwritten)")
+            raise InvalidCheckpoint(f"{ckpt.path} has {size} bytes, its commit record says {ckpt.record.bytes} "
+                                    "(truncated or overwritten)")
         if checksum:
             algorithm = ckpt.record.checksum.partition(":")[0]
             if file_checksum(ckpt.path, algorithm) != ckpt.record.checksum:
@@ -380,7 +259,8 @@ class CheckpointStore:
         """Move a bad checkpoint and its record aside (never delete: an operator may want to look)."""
         target = self.directory / "quarantine"
         target.mkdir(exist_ok=True, mode=0o700)
-        stamp = time.strftime("%Y%m%dT%H%M%S") + f".{time.time_ns() % 1_000_000_000:09d}"  # unique: never overwrite an earlier one
+        # unique: never overwrite an earlier one
+        stamp = time.strftime("%Y%m%dT%H%M%S") + f".{time.time_ns() % 1_000_000_000:09d}"
         moved = None
         for p in (ckpt.path, ckpt.record_path):
             try:
@@ -418,7 +298,10 @@ class CheckpointStore:
         for tmp in self.directory.glob(".tmp-*"):
             writer_host, _, pid = tmp.name.rpartition(".")
             if writer_host.endswith("." + host) and pid.isdigit() and not pid_alive(int(pid)):
-                (shutil.rmtree if tmp.is_dir() else Path.unlink)(tmp)  # type: ignore[operator]
+                if tmp.is_dir():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
                 removed.append(tmp)
         return removed
 
