@@ -90,7 +90,8 @@ def test_users_own_stateful_dataloader(tmp_path: Path, devices: int, reference_r
     options = {"stateful_loader": True}
     steps = 2 * _batches_per_epoch(devices) + 4
     record = tmp_path / "record.jsonl"
-    cmd = example_command(record, max_steps=steps, devices=devices, **options) + ["--signal-at", "5", "--signal-at", str(steps - 6)]
+    cmd = example_command(record, max_steps=steps, devices=devices, **options)
+    cmd += ["--signal-at", "5", "--signal-at", str(steps - 6)]
     summary = run_preempted(cmd, run_dir=tmp_path / "run", timeout=180, log=tmp_path / "log.txt")
     assert summary.exit_code == 0 and summary.preemptions == 2, (tmp_path / "log.txt").read_text()[-4000:]
     assert_resumed_on_same_step(summary)

@@ -11,10 +11,12 @@ from helpers import assert_same_as_reference, example_command
 from preemptible import REQUEUE_EXIT_CODE
 from preemptible.core.deadline import JobDeadline, parse_slurm_time
 from preemptible.core.environment import JobEnvironment
-from preemptible.core.journal import read_events
+from preemptible.core.schema import REASON_PERIODIC, Event, read_events
 from preemptible.tools.testing import run_preempted
 
-STEPS = 20
+# The configuration of test_preemption.py, so that the session's uninterrupted reference run is shared
+# (periodic checkpoints do not enter the reference's configuration: they must not change a number).
+STEPS = 24
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
@@ -30,8 +32,8 @@ def test_periodic_checkpoints_go_through_the_store_and_a_crash_resumes_from_the_
                             max_restarts=0, timeout=120, log=tmp_path / "log.txt")
     assert summary.exit_code == -9
     run_dir = tmp_path / "run"
-    saves = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "checkpoint"]
-    assert [e["step"] for e in saves][:2] == [4, 8] and all(e["reason"] == "periodic" for e in saves)
+    saves = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == Event.CHECKPOINT]
+    assert [e["step"] for e in saves][:2] == [4, 8] and all(e["reason"] == REASON_PERIODIC for e in saves)
     assert all(e["background"] is (mode == "async") for e in saves)
     # A background save journals how long training waited for the copy of the state to CPU memory.
     assert all(("copy_seconds" in e) is (mode == "async") for e in saves)
@@ -50,16 +52,16 @@ def test_periodic_checkpoints_go_through_the_store_and_a_crash_resumes_from_the_
 
 def test_deadline_checkpoints_and_requeues_before_the_hard_end(tmp_path: Path, reference_run) -> None:
     record = tmp_path / "record.jsonl"
-    # The job "ends" 21 s after it starts; ~5 s go to imports; stopping needs ~15 s of margin.
+    # The job "ends" 21 s after training is set up (the imports come before); stopping needs ~15 s of margin.
     cmd = example_command(record, max_steps=200, step_sleep=0.1, deadline_in=21)
     summary = run_preempted(cmd, run_dir=tmp_path / "run", max_restarts=0, timeout=120, log=tmp_path / "log.txt")
     assert summary.exit_code == REQUEUE_EXIT_CODE, (tmp_path / "log.txt").read_text()[-3000:]
     events = list(read_events(tmp_path / "run" / "events.jsonl"))
-    deadline = [e for e in events if e["event"] == "deadline"]
-    stops = [e for e in events if e["event"] == "stop_agreed"]
+    deadline = [e for e in events if e["event"] == Event.DEADLINE]
+    stops = [e for e in events if e["event"] == Event.STOP_AGREED]
     assert deadline and stops and stops[0]["reason"] == "deadline"
     assert deadline[0]["seconds_left"] < deadline[0]["needed"]
-    assert any(e["event"] == "checkpoint" and e["reason"] == "deadline" for e in events)
+    assert any(e["event"] == Event.CHECKPOINT and e["reason"] == "deadline" for e in events)
 
 
 def test_parse_slurm_end_time() -> None:
@@ -78,7 +80,7 @@ def test_background_staging_copies_into_reused_buffers_that_training_cannot_chan
 
     import torch
 
-    from preemptible.lightning.saving import BackgroundWriter
+    from preemptible.core.checkpointing import BackgroundWriter
 
     weights = OrderedDict(w=torch.arange(6.0).reshape(2, 3), b=torch.zeros(3))
     weights._metadata = {"": {"version": 1}}  # type: ignore[attr-defined]
@@ -108,7 +110,7 @@ def test_staging_refuses_while_a_write_still_reads_the_buffers() -> None:
     import pytest
     import torch
 
-    from preemptible.lightning.saving import BackgroundWriter
+    from preemptible.core.checkpointing import BackgroundWriter
 
     writer = BackgroundWriter()
     release = threading.Event()

@@ -3,6 +3,11 @@
 Each scenario runs the example training under ``preemptible run``'s supervisor, sends a real
 signal, lets it relaunch, and checks: it resumed on the step it stopped at, reached max_steps,
 and every loss and the final weights are bitwise those of an uninterrupted run.
+
+Scenarios that fit one configuration share one run, one scenario per attempt (every process launch
+pays seconds of imports): SIGUSR1 to every rank, SIGTERM to every rank, a burst of 50 signals and,
+under DDP, a signal to rank 1 only are the four preemptions of one run; a signal before the first
+step and one during validation are the two of another.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import pytest
 from helpers import assert_same_as_reference, example_command
 
 from preemptible import REQUEUE_EXIT_CODE
-from preemptible.core.journal import read_events
+from preemptible.core.schema import REASON_FINISHED, REASON_PERIODIC, Event, TraceKind, read_events
+from preemptible.tools.simulator import Preemption
 from preemptible.tools.testing import assert_resumed_on_same_step, run_preempted
 
 STEPS = 24
@@ -36,75 +42,69 @@ def _check(summary, tmp_path: Path, preemptions: int = 1) -> None:
     assert summary.exit_code == 0, log
     assert summary.preemptions == preemptions, log
     assert_resumed_on_same_step(summary)
-    finishes = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == "finish"]
+    finishes = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == Event.FINISH]
     assert [e["step"] for e in finishes] == [STEPS]
 
 
+def _of_attempt(events: list[dict], attempt: int, event: str) -> list[dict]:
+    return [e for e in events if e["event"] == event and e["restart_count"] == attempt]
+
+
 @pytest.mark.parametrize("devices", WORLDS)
-def test_sigusr1_to_all_ranks(tmp_path: Path, devices: int, reference_run) -> None:
-    summary, record = _run(tmp_path, devices, at_step=7, signal="USR1")
-    _check(summary, tmp_path)
+def test_sigusr1_sigterm_a_burst_and_a_signal_to_rank1_only(tmp_path: Path, devices: int, reference_run) -> None:
+    """One run, one preemption per attempt: SIGUSR1 to every rank, SIGTERM to every rank, a burst of 50
+    SIGUSR1 and, with 2 ranks, SIGUSR1 to rank 1 only (which must stop both ranks on one step)."""
+    # Each signal is planned a few steps after the previous attempt stopped (the stop comes 1-2 steps after
+    # the signal), and the last one leaves several steps before the end.
+    plan = [Preemption(at_step=7, signal="USR1"), Preemption(at_step=10, signal="TERM"),
+            Preemption(at_step=14, signal="USR1", repeat=50)]
+    if devices == 2:
+        plan.append(Preemption(at_step=18, signal="USR1", target="rank:1"))
+    summary, record = _run(tmp_path, devices, plan=plan)
+    _check(summary, tmp_path, preemptions=len(plan))
+    events = list(read_events(tmp_path / "run" / "events.jsonl"))
+    # SIGUSR1 to every rank
     first = summary.attempts[0]
     assert first.exit_code == REQUEUE_EXIT_CODE and first.checkpoint and first.stop_step >= 7
+    # SIGTERM to every rank
+    assert summary.attempts[1].signal_name == "SIGTERM"
+    # the burst: one signal burst, one emergency checkpoint
+    assert [e["reason"] for e in _of_attempt(events, 2, Event.CHECKPOINT)] == ["SIGUSR1"], \
+        "one signal burst, one emergency checkpoint"
+    saves = [e["reason"] for e in events if e["event"] == Event.CHECKPOINT]
+    assert saves == ["SIGUSR1", "SIGTERM", "SIGUSR1"] + ["SIGUSR1"] * (devices == 2) + [REASON_FINISHED], \
+        "one emergency checkpoint per preemption (and the final one)"
+    if devices == 2:
+        # SIGUSR1 to rank 1 only
+        signalled = {e["rank"] for e in _of_attempt(events, 3, Event.SIGNAL)}
+        exits = _of_attempt(events, 3, Event.EXIT)
+        assert signalled == {1}, "only rank 1 should have received the signal"
+        assert {e["rank"] for e in exits} == {0, 1} and len({e["step"] for e in exits}) == 1, "both ranks stop on one step"
     assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=devices, step_sleep=SLEEP))
 
 
-@pytest.mark.parametrize("devices", WORLDS)
-def test_sigterm_to_all_ranks(tmp_path: Path, devices: int, reference_run) -> None:
-    summary, record = _run(tmp_path, devices, at_step=11, signal="TERM")
-    _check(summary, tmp_path)
-    assert summary.attempts[0].signal_name == "SIGTERM"
-    assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=devices, step_sleep=SLEEP))
+def test_signal_before_the_first_step_then_during_validation(tmp_path: Path, reference_run) -> None:
+    """Attempt 0: a signal once the run has started, before any step (it lands in the sanity check: two
+    validation batches after set-up). Attempt 1: a signal while the validation of step 10 runs.
 
-
-@pytest.mark.ddp
-def test_signal_to_rank1_only_stops_both_ranks(tmp_path: Path, reference_run) -> None:
-    summary, record = _run(tmp_path, 2, at_step=9, signal="USR1", target="rank:1")
-    _check(summary, tmp_path)
-    events = list(read_events(tmp_path / "run" / "events.jsonl"))
-    signalled = {e["rank"] for e in events if e["event"] == "signal"}
-    exits = [e for e in events if e["event"] == "exit"]
-    assert signalled == {1}, "only rank 1 should have received the signal"
-    assert {e["rank"] for e in exits} == {0, 1} and len({e["step"] for e in exits}) == 1, "both ranks stop on one step"
-    assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=2, step_sleep=SLEEP))
-
-
-def test_signal_during_validation(tmp_path: Path, reference_run) -> None:
-    options = {"val_every": 5}
-    # Progress is reported right after train step 10, when validation of that step begins (2 batches, slow).
-    summary, record = _run(tmp_path, 1, at_step=10, options=options)
-    _check(summary, tmp_path)
-    events = list(read_events(tmp_path / "run" / "events.jsonl"))
-    assert any(e["event"] == "signal" for e in events)
-    assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=1, step_sleep=SLEEP, **options))
-
-
-@pytest.mark.parametrize("devices", WORLDS)
-def test_burst_of_50_signals(tmp_path: Path, devices: int, reference_run) -> None:
-    summary, record = _run(tmp_path, devices, at_step=6, signal="USR1", repeat=50)
-    _check(summary, tmp_path)
-    saves = [e["reason"] for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == "checkpoint"]
-    assert saves == ["SIGUSR1", "finished"], "one signal burst, one emergency checkpoint (and the final one)"
-    assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=devices, step_sleep=SLEEP))
-
-
-def test_signal_before_the_first_step(tmp_path: Path, reference_run) -> None:
-    # The sanity check (2 slow validation batches) runs after set-up: the signal lands there.
-    options = {"val_every": 5, "sanity_steps": 2}
+    ``--hold-for-signal`` holds the run at those points until the signal has been recorded, so it lands
+    there however fast or slow the machine is."""
+    options = {"val_every": 5, "sanity_steps": 2, "hold_for_signal": ["sanity", "v10"]}
     record = tmp_path / "record.jsonl"
-    cmd = example_command(record, max_steps=STEPS, devices=1, step_sleep=0.3, **options)
-    summary = run_preempted(cmd, run_dir=tmp_path / "run", at_event="start", timeout=180, log=tmp_path / "log.txt")
-    log = (tmp_path / "log.txt").read_text()[-4000:]
-    assert summary.exit_code == 0 and summary.preemptions == 1, log
+    cmd = example_command(record, max_steps=STEPS, devices=1, step_sleep=SLEEP, **options)
+    # Progress is reported right after train step 10, when validation of that step begins.
+    summary = run_preempted(cmd, run_dir=tmp_path / "run", timeout=180, log=tmp_path / "log.txt",
+                            plan=[Preemption(at_event=Event.START), Preemption(at_step=10)])
+    _check(summary, tmp_path, preemptions=2)
     first = summary.attempts[0]
     assert first.stop_step == 0 and first.checkpoint is None, "nothing trained yet: nothing to save"
     assert summary.attempts[1].resumed_from_step == 0
-    assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=1, step_sleep=0.3, **options))
+    events = list(read_events(tmp_path / "run" / "events.jsonl"))
+    assert _of_attempt(events, 1, Event.SIGNAL), "the signal during validation was noticed"
+    assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=1, step_sleep=SLEEP, **options))
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path, reference_run) -> None:
-    from preemptible.tools.simulator import Preemption
-
     record = tmp_path / "record.jsonl"
     cmd = example_command(record, max_steps=STEPS, devices=1, step_sleep=SLEEP)
     run_dir = tmp_path / "run"
@@ -120,7 +120,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path: Path, refere
     # The losses trained after the older checkpoint will be trained again: drop them from the record
     # so the comparison checks the continuation from the older checkpoint.
     kept = [line for line in record.read_text().splitlines()
-            if json.loads(line).get("step", 0) <= older and json.loads(line)["kind"] != "final"]
+            if json.loads(line).get("step", 0) <= older and json.loads(line)["kind"] != TraceKind.FINAL]
     record.write_text("".join(line + "\n" for line in kept))
 
     again = run_preempted(cmd, run_dir=run_dir, timeout=180, log=tmp_path / "log2.txt")
@@ -143,13 +143,11 @@ def test_empty_run_dir_is_a_fresh_start(tmp_path: Path) -> None:
     summary = run_preempted(example_command(record, max_steps=6), run_dir=run_dir, timeout=120, log=tmp_path / "log.txt")
     assert summary.exit_code == 0 and len(summary.attempts) == 1
     assert summary.attempts[0].resumed_from_step == 0
-    assert [e["event"] for e in read_events(run_dir / "events.jsonl")][0] == "start"
+    assert [e["event"] for e in read_events(run_dir / "events.jsonl")][0] == Event.START
 
 
 @pytest.mark.parametrize("devices", WORLDS)
 def test_requeue_limit_stops_with_a_message_and_keeps_the_checkpoint(tmp_path: Path, devices: int) -> None:
-    from preemptible.tools.simulator import Preemption
-
     record = tmp_path / "record.jsonl"
     cmd = example_command(record, max_steps=STEPS, devices=devices, step_sleep=SLEEP, max_requeues=1)
     summary = run_preempted(cmd, run_dir=tmp_path / "run", plan=[Preemption(at_step=4), Preemption(at_step=12)],
@@ -159,7 +157,7 @@ def test_requeue_limit_stops_with_a_message_and_keeps_the_checkpoint(tmp_path: P
     assert "requeue limit reached (1 requeues used)" in log
     last = summary.attempts[1]
     assert last.checkpoint and Path(last.checkpoint).exists(), "the checkpoint is written and kept"
-    exits = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == "exit"]
+    exits = [e for e in read_events(tmp_path / "run" / "events.jsonl") if e["event"] == Event.EXIT]
     assert {e["code"] for e in exits[-devices:]} == {1}, "every rank exits 1: nobody asks for a requeue"
 
 
@@ -172,13 +170,13 @@ def test_ddp_background_checkpoints_every_step_with_a_signal_to_rank1(tmp_path: 
     summary, record = _run(tmp_path, 2, at_step=9, signal="USR1", target="rank:1", **options)
     _check(summary, tmp_path)
     events = list(read_events(tmp_path / "run" / "events.jsonl"))
-    periodic = [e for e in events if e["event"] == "checkpoint" and e["reason"] == "periodic"]
-    skipped = [e for e in events if e["event"] == "checkpoint_skipped"]
+    periodic = [e for e in events if e["event"] == Event.CHECKPOINT and e["reason"] == REASON_PERIODIC]
+    skipped = [e for e in events if e["event"] == Event.CHECKPOINT_SKIPPED]
     assert all(e["background"] for e in periodic)
     # Every boundary decides a save or an agreed skip, except: the first boundary of each attempt (the vote is
     # read one step later), the stop step (the emergency save), the last one (the final save) and an epoch's
     # last batch (the example's 256 samples, batch 16, 2 ranks: 8 per epoch), whose save moves one step on.
-    stop = next(e["step"] for e in events if e["event"] == "stop_agreed")
+    stop = next(e["step"] for e in events if e["event"] == Event.STOP_AGREED)
     expected = set(range(2, STEPS)) - {stop, stop + 1} - set(range(8, STEPS, 8))
     decided = {e["step"] for e in periodic} | {e["step"] for e in skipped}
     assert expected <= decided, f"no save and no agreed skip at steps {sorted(expected - decided)}"

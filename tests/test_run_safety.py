@@ -42,16 +42,16 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_finished_run_restarted_resumes_at_its_end(finished_run: Path) -> None:
     from preemptible import latest_checkpoint
-    from preemptible.core.journal import read_events
+    from preemptible.core.schema import Event, read_events
 
     last = latest_checkpoint(finished_run)
     assert last is not None and last.name == "step-000000006.ckpt", "a last checkpoint is committed at the end"
     trainer, _ = _fit(finished_run)
     assert trainer.global_step == 6
     events = list(read_events(finished_run / "events.jsonl"))
-    resumes = [e["checkpoint"] for e in events if e["event"] == "resume"]
+    resumes = [e["checkpoint"] for e in events if e["event"] == Event.RESUME]
     assert len(resumes) == 1 and resumes[0].endswith("step-000000006.ckpt"), "the restart resumed from the end"
-    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [6], "nothing was trained (or saved) again"
+    assert [e["step"] for e in events if e["event"] == Event.CHECKPOINT] == [6], "nothing was trained (or saved) again"
 
 
 def test_checkpoints_load_with_weights_only(finished_run: Path) -> None:
@@ -66,7 +66,8 @@ def test_checkpoints_load_with_weights_only(finished_run: Path) -> None:
 def test_checkpoint_of_a_different_model_is_refused_by_name(finished_run: Path, tmp_path: Path) -> None:
     from preemptible.lightning.compat import CheckpointMismatch
 
-    with pytest.raises(CheckpointMismatch, match=r"step-000000006\.ckpt does not fit this model \(net\.0\.weight: checkpoint \(32, 16\), model \(64, 16\)"):
+    with pytest.raises(CheckpointMismatch, match=r"step-000000006\.ckpt does not fit this model "
+                                                 r"\(net\.0\.weight: checkpoint \(32, 16\), model \(64, 16\)"):
         _fit(finished_run, steps=8, hidden=64)
     assert (finished_run / "checkpoints" / "step-000000006.ckpt").exists(), "the old checkpoint is untouched"
 
@@ -106,20 +107,26 @@ def test_lock_stale_detection(tmp_path: Path) -> None:
 
 def test_second_job_on_the_same_run_dir_gets_a_clear_error(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
+    release = tmp_path / "release"
     env = dict(os.environ, PREEMPTIBLE_RUN_DIR=str(run_dir), PREEMPTIBLE_PROGRESS_INTERVAL="0")
-    first = subprocess.Popen(example_command(tmp_path / "a.jsonl", max_steps=60, step_sleep=0.1), env=env,
+    # The first job holds after its first step until the test releases it: it holds the lock for as long
+    # as the second job takes to start, however slow the machine is.
+    first = subprocess.Popen(example_command(tmp_path / "a.jsonl", max_steps=6, hold_until_exists=release), env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not (read_progress(run_dir) or {}).get("step"):
             assert time.monotonic() < deadline and first.poll() is None, "the first job never started training"
             time.sleep(0.1)
-        second = subprocess.run(example_command(tmp_path / "b.jsonl", max_steps=60), env=env, capture_output=True,
+        second = subprocess.run(example_command(tmp_path / "b.jsonl", max_steps=6), env=env, capture_output=True,
                                 text=True, timeout=120)
+        assert first.poll() is None, "the first job was still running while the second one tried"
+        release.touch()
         assert second.returncode != 0
         assert "is in use by another job" in second.stderr and str(run_dir) in second.stderr
         assert first.wait(timeout=120) == 0, "the first job is undisturbed"
     finally:
+        release.touch()
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGKILL)
     assert not (run_dir / "lock.json").exists(), "released at the end"
@@ -130,9 +137,9 @@ def test_free_space_warning_names_the_sizes(tmp_path: Path, monkeypatch: pytest.
 
     import psutil
 
+    from preemptible.core.store import CheckpointStore
     from preemptible.examples.models import TinyModel
     from preemptible.lightning.saving import warn_if_short_of_space
-    from preemptible.core.store import CheckpointStore
 
     usage = namedtuple("usage", "total used free percent")
     monkeypatch.setattr(psutil, "disk_usage", lambda path: usage(100, 100, 10, 90.0))  # the disk, not the code, is faked
@@ -142,13 +149,13 @@ def test_free_space_warning_names_the_sizes(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_progress_bar_keeps_working_under_the_callback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+
     import pytorch_lightning as pl
 
     from preemptible import Preempted, PreemptionCallback
     from preemptible.examples.models import BlobsData, TinyModel
     from preemptible.tools.tracing import SignalAtStep
-
-    import signal
 
     before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2)}
     cb = PreemptionCallback(run_dir=tmp_path / "run")
@@ -185,6 +192,7 @@ def test_lightning_per_step_sigterm_broadcast_is_replaced_only_while_sigterm_is_
             seen.append(getattr(slot, "_preemptible", False))
 
     import pytorch_lightning as pl
+
     from preemptible import PreemptionCallback
     from preemptible.examples.models import BlobsData, TinyModel
 

@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onecycle", action="store_true", help="OneCycleLR sized by trainer.estimated_stepping_batches")
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep in each training step")
     p.add_argument("--slow-until-resumed", action="store_true", help="apply --step-sleep only before the first resume")
+    p.add_argument("--slow-attempts", type=int, default=None, metavar="N",
+                   help="apply --step-sleep only in the first N attempts (PREEMPTIBLE_ATTEMPT or SLURM_RESTART_COUNT)")
     p.add_argument("--sanity-steps", type=int, default=0, help="validation batches in the sanity check (needs --val-every)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--record", default=None, help="append per-batch losses and final weights digest (JSON lines)")
@@ -47,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline-in", type=float, default=None, metavar="SECONDS",
                    help="testing: pretend the job is killed SECONDS after it starts (as SLURM's time limit)")
     p.add_argument("--max-requeues", type=int, default=None)
+    p.add_argument("--hold-for-signal", action="append", default=None, metavar="POINT",
+                   help="testing: at POINT ('sanity': the first sanity-check batch; 'vN': the first validation "
+                        "batch at step N; '-': nowhere) wait until a preemption signal has been recorded, so an "
+                        "outside signal lands there whatever the machine's speed; repeat for later attempts")
+    p.add_argument("--hold-until-exists", default=None, metavar="PATH",
+                   help="testing: after the first optimizer step, wait until PATH exists")
     return p
 
 
@@ -71,15 +79,24 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                             every_n_steps=args.every_n_steps, every_n_minutes=args.every_n_minutes,
                             async_save=not args.sync_periodic, deadline=deadline)
     resume = cb.resume_path()
-    # --slow-until-resumed: sleep in steps only until the first preemption (the relaunch runs at full speed).
+    # --slow-until-resumed: sleep in steps only until the first preemption (the relaunch runs at full speed);
+    # --slow-attempts N: only in the first N attempts.
     sleep = args.step_sleep if not (args.slow_until_resumed and resume) else 0.0
+    if args.slow_attempts is not None:
+        from preemptible.core.environment import JobEnvironment
+
+        if JobEnvironment.from_env().restart_count >= args.slow_attempts:
+            sleep = 0.0
     model = TinyModel(step_sleep=sleep, onecycle=args.onecycle)
     callbacks: list = [cb]
     if args.record:
         callbacks.append(StepRecorder(args.record))
     if args.signal_at:
         callbacks.append(SignalAtStep(args.signal_at, ranks=args.signal_rank))
-    data = BlobsData(samples=args.samples, batch_size=args.batch_size, num_workers=args.num_workers, stateful=args.stateful_loader)
+    if args.hold_for_signal or args.hold_until_exists:
+        callbacks.append(_hold_callback(args.hold_for_signal or [], args.hold_until_exists))
+    data = BlobsData(samples=args.samples, batch_size=args.batch_size, num_workers=args.num_workers,
+                     stateful=args.stateful_loader)
     val_kwargs: dict = {"limit_val_batches": 0}
     if args.val_every is not None:
         every = int(args.val_every) if args.val_every > 1 else args.val_every
@@ -106,6 +123,64 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if trainer.is_global_zero:
         print(f"training finished at global step {trainer.global_step}", flush=True)
     return {"global_step": trainer.global_step, "rank": trainer.global_rank, "weights": state_digest(model)}
+
+
+#: Seconds a testing hold waits at most; then training goes on (and the test's own checks fail).
+HOLD_TIMEOUT = 300.0
+
+
+def _hold_callback(points: Sequence[str], path: str | None) -> Any:
+    """Testing: a callback that pauses (sleeping only: no random numbers drawn, nothing trained) until a
+    state is reached, so that a test waits on that state instead of racing the clock.
+
+    ``points`` (one per attempt, as ``--signal-at``): wait at that point until this process has recorded
+    a preemption signal. ``path``: after the first optimizer step, wait until the file exists.
+    """
+    import signal
+    import time
+    import warnings
+
+    import pytorch_lightning as pl
+
+    from preemptible.core.environment import JobEnvironment
+
+    attempt = JobEnvironment.from_env().restart_count
+    point = points[attempt] if attempt < len(points) else "-"
+
+    def wait(what: str, done: Any) -> None:
+        deadline = time.monotonic() + HOLD_TIMEOUT
+        while not done():
+            if time.monotonic() > deadline:
+                warnings.warn(f"example: gave up waiting for {what} after {HOLD_TIMEOUT:.0f} s", stacklevel=2)
+                return
+            time.sleep(0.01)  # a signal's handler runs during the sleep
+
+    def recorded() -> bool:
+        # The recording handler in place is a bound method of a recorder with a ``note`` (None until a signal came).
+        handler = signal.getsignal(signal.SIGUSR1)
+        recorder = getattr(handler, "__self__", None)
+        if recorder is None or not hasattr(recorder, "note"):
+            raise RuntimeError(f"--hold-for-signal: no recording signal handler is installed (found {handler!r})")
+        return recorder.note is not None
+
+    class Hold(pl.Callback):
+        def __init__(self) -> None:
+            self.point = None if point == "-" else point
+            self.path = path
+
+        def on_validation_batch_start(self, trainer: "pl.Trainer", *args: Any, **kwargs: Any) -> None:
+            if self.point == "sanity" and trainer.sanity_checking or (
+                    self.point and self.point.startswith("v") and not trainer.sanity_checking
+                    and trainer.global_step == int(self.point[1:])):
+                self.point = None
+                wait("a preemption signal", recorded)
+
+        def on_train_batch_end(self, trainer: "pl.Trainer", *args: Any, **kwargs: Any) -> None:
+            if self.path is not None and trainer.global_step >= 1:
+                target, self.path = self.path, None
+                wait(target, lambda: os.path.exists(target))
+
+    return Hold()
 
 
 def _loggers(args: argparse.Namespace) -> list[Any]:

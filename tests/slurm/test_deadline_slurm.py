@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from preemptible.core.deadline import JobDeadline, squeue_end_time
+from preemptible.core.deadline import JobDeadline, parse_slurm_time, squeue_end_time
 from preemptible.core.environment import JobEnvironment
 
 if TYPE_CHECKING:
@@ -26,9 +26,13 @@ def test_end_time_of_a_running_job_comes_from_squeue(tmp_path: Path, slurm_clust
     assert done.returncode == 0, done.stderr
     job = done.stdout.strip().split(";")[0]
     slurm_jobs.append(job)
-    slurm_cluster.wait_job_state(job, ["RUNNING"], timeout=120)
+    info = slurm_cluster.wait_job_state(job, ["RUNNING"], timeout=120)
     end = squeue_end_time(job)
     assert end is not None
-    assert 240 <= end - time.time() <= 305, "a 5-minute limit ends about 5 minutes after the start"
+    # Against the job's own start time, not the clock: however long the polling took, the end is exact.
+    started = parse_slurm_time(info["StartTime"])
+    assert started is not None, info
+    assert end - started == 300, f"a 5-minute limit ends 5 minutes after the start ({info['StartTime']}): {end - started} s"
+    assert end > time.time(), "the job is still running: its end lies ahead"
     deadline = JobDeadline(JobEnvironment.from_env({"SLURM_JOB_ID": job}))
     assert deadline.known and not deadline.too_close(60) and deadline.too_close(400)

@@ -2,7 +2,9 @@
 
 Each scenario stops the job the way a cluster does, lets SLURM requeue it, and checks that the
 resumed attempt started on the very step the first one checkpointed at, that the run finished,
-and that every loss and the final weights are bitwise those of an uninterrupted run.
+and that every loss and the final weights are bitwise those of an uninterrupted run. Scenarios that
+fit one job share it, one per attempt (a job's start, imports and requeue take tens of seconds):
+a preemption by a ``high`` job, then an operator's ``scontrol requeue``.
 
 The cluster (docker/slurm/cluster.sh) has partitions ``low`` (GraceTime=20) and ``high``, two
 cores, KillWait=10. A job of 2 tasks x 1 CPU fills the node, so any job on ``high`` preempts it.
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import pytest
 from helpers import assert_same_as_reference, example_command
 
-from preemptible.core.journal import read_events
+from preemptible.core.schema import Event, RequeueOutcomeName, TraceKind, read_events
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -37,11 +39,13 @@ class Job:
     """One submitted training job and the files it writes."""
 
     def __init__(self, tmp_path: Path, cluster: SlurmCluster, jobs: list[str], name: str, step_sleep: float,
-                 *sbatch_options: str) -> None:
+                 *sbatch_options: str, slow_attempts: int | None = None) -> None:
         self.cluster = cluster
         self.run_dir = tmp_path / "run"
         self.record = tmp_path / "record.jsonl"
-        command = example_command(self.record, max_steps=STEPS, devices=RANKS, step_sleep=step_sleep)
+        # ``slow_attempts``: the steps take ``step_sleep`` only in the first attempts, those a scenario stops.
+        command = example_command(self.record, max_steps=STEPS, devices=RANKS, step_sleep=step_sleep,
+                                  slow_attempts=slow_attempts)
         self.id = sbatch_cli(tmp_path, "--job-name", f"pt-{name}", "--ntasks-per-node", str(RANKS),
                              "--cpus-per-task", "1", "--partition", "low", "--run-dir", str(self.run_dir),
                              *sbatch_options, "--", *command)
@@ -67,9 +71,16 @@ class Job:
         """Until rank 0 has trained ``step`` steps in the current attempt (imports and DDP set-up take seconds)."""
         self.cluster.wait_for(lambda: self.latest_step() >= step, timeout, f"job {self.id} to reach step {step}")
 
-    def latest_step(self) -> int:
-        steps = [e["step"] for e in self.records() if e["kind"] == "train" and e["rank"] == 0]
+    def latest_step(self, attempt: int | None = None) -> int:
+        """The newest step rank 0 trained (in attempt ``attempt`` only, if given)."""
+        steps = [e["step"] for e in self.records() if e["kind"] == TraceKind.TRAIN and e["rank"] == 0
+                 and (attempt is None or e["attempt"] == attempt)]
         return max(steps, default=-1)
+
+    def wait_training_in(self, attempt: int, step: int, timeout: float = 120) -> None:
+        """Until rank 0 has trained ``step`` in attempt ``attempt`` (its SLURM restart count)."""
+        self.cluster.wait_for(lambda: self.latest_step(attempt) >= step, timeout,
+                              f"job {self.id} to reach step {step} in attempt {attempt}")
 
     def records(self) -> list[dict[str, Any]]:
         if not self.record.exists():
@@ -111,15 +122,15 @@ def assert_resumed_where_it_stopped(job: Job, restarts: int = 1) -> int:
     """Attempt k+1 started training on the step attempt k agreed to stop and checkpoint at; returns
     the first stop step."""
     events = job.events()
-    stops = {e["restart_count"]: e["step"] for e in events if e["event"] == "stop_agreed"}
-    starts = {e["restart_count"]: e["step"] for e in events if e["event"] == "train_start"}
+    stops = {e["restart_count"]: e["step"] for e in events if e["event"] == Event.STOP_AGREED}
+    starts = {e["restart_count"]: e["step"] for e in events if e["event"] == Event.TRAIN_START}
     for attempt in range(restarts):
         assert attempt in stops, f"attempt {attempt} never agreed to stop: {events}{job.log_tail()}"
         assert starts.get(attempt + 1) == stops[attempt], (
             f"attempt {attempt + 1} started at step {starts.get(attempt + 1)}, "
             f"attempt {attempt} stopped at {stops[attempt]}{job.log_tail()}")
         assert 0 < stops[attempt] < STEPS, f"the stop at step {stops[attempt]} was not mid-run"
-    finishes = [e for e in events if e["event"] == "finish"]
+    finishes = [e for e in events if e["event"] == Event.FINISH]
     assert [(e["step"], e["restart_count"]) for e in finishes] == [(STEPS, restarts)], finishes
     return stops[0]
 
@@ -149,19 +160,26 @@ def test_sbatch_submits_a_job_that_runs(tmp_path: Path, slurm_cluster: SlurmClus
 
 
 @pytest.mark.timeout(2 * JOB_TIMEOUT)
-def test_preempted_by_high_partition_job_resumes(tmp_path: Path, slurm_cluster: SlurmCluster,
-                                                 slurm_jobs: list[str], reference_run) -> None:
-    """A job on ``high`` preempts ours: SIGUSR1 to every rank, checkpoint, requeue, exact resume."""
+def test_preempted_by_high_partition_job_then_operator_requeue_resumes(tmp_path: Path, slurm_cluster: SlurmCluster,
+                                                                       slurm_jobs: list[str], reference_run) -> None:
+    """Attempt 0: a job on ``high`` preempts ours: SIGUSR1 to every rank, checkpoint, requeue, exact resume.
+    Attempt 1: ``scontrol requeue``: SIGTERM to every rank, a checkpoint within KillWait, an exact resume."""
     reference_run(max_steps=STEPS, devices=RANKS)  # before the job, so they do not share the 2 cores
-    job = Job(tmp_path, slurm_cluster, slurm_jobs, "preempt", 0.5)
+    job = Job(tmp_path, slurm_cluster, slurm_jobs, "preempt", 0.5, slow_attempts=2)
     job.wait_state("RUNNING", timeout=120)
     job.wait_training(3)
     high = submit_high(tmp_path, slurm_jobs)
     job.wait_restarts(1)
     slurm_cluster.wait_job_state(high, ["COMPLETED"], timeout=120)
-    assert_finished_like_reference(job, reference_run)
-    signals = {(e["rank"], e["signal"]) for e in job.events() if e["event"] == "signal" and e["restart_count"] == 0}
-    assert signals == {(0, "SIGUSR1"), (1, "SIGUSR1")}, f"every rank should see SIGUSR1 at preemption: {signals}"
+    # the requeued job trains again (from its checkpoint), then an operator requeues it
+    job.wait_training_in(1, 2 + max(e["step"] for e in job.events() if e["event"] == Event.STOP_AGREED))
+    subprocess.run(["scontrol", "requeue", job.id], check=True, timeout=30)
+    assert_finished_like_reference(job, reference_run, restarts=2)
+    events = job.events()
+    preempted = {(e["rank"], e["signal"]) for e in events if e["event"] == Event.SIGNAL and e["restart_count"] == 0}
+    assert preempted == {(0, "SIGUSR1"), (1, "SIGUSR1")}, f"every rank should see SIGUSR1 at preemption: {preempted}"
+    requeued = {e["signal"] for e in events if e["event"] == Event.SIGNAL and e["restart_count"] == 1}
+    assert requeued == {"SIGTERM"}, requeued
 
 
 @pytest.mark.timeout(2 * JOB_TIMEOUT)
@@ -170,33 +188,21 @@ def test_time_limit_warning_requeues_and_finishes(tmp_path: Path, slurm_cluster:
     """``--signal=USR1@60`` before a 2-minute limit: checkpoint and self-requeue, not a TIMEOUT.
 
     SLURM checks the warning every 30 s, so it arrives 60 to 90 s before the limit (30 to 60 s
-    into the attempt); the training is slow enough to still be running then. Every attempt gets
-    its own warning, so once the first requeue happened the test lifts the limit, as an operator
-    would, for the second attempt to finish instead of cycling.
+    into the attempt); the training is slow enough to still be running then (until the first
+    resume: the relaunch runs at full speed). Every attempt gets its own warning, so once the first
+    requeue happened the test lifts the limit, as an operator would, for the second attempt to
+    finish instead of cycling.
     """
     reference_run(max_steps=STEPS, devices=RANKS)
-    job = Job(tmp_path, slurm_cluster, slurm_jobs, "timelimit", 2.0, "--time", "2", "--signal-lead", "60")
+    job = Job(tmp_path, slurm_cluster, slurm_jobs, "timelimit", 2.0, "--time", "2", "--signal-lead", "60",
+              slow_attempts=1)
     job.wait_state("RUNNING", timeout=120)
     job.wait_restarts(1, timeout=180)
     subprocess.run(["scontrol", "update", f"JobId={job.id}", "TimeLimit=10"], check=True, timeout=30)
     assert_finished_like_reference(job, reference_run)
-    first = [e for e in job.events() if e["event"] == "signal" and e["restart_count"] == 0]
+    first = [e for e in job.events() if e["event"] == Event.SIGNAL and e["restart_count"] == 0]
     assert first and all(e["signal"] == "SIGUSR1" for e in first), first
     assert "DUE TO TIME LIMIT" not in job.log_text(), job.log_tail()
-
-
-@pytest.mark.timeout(2 * JOB_TIMEOUT)
-def test_operator_requeue_checkpoints_and_resumes(tmp_path: Path, slurm_cluster: SlurmCluster,
-                                                  slurm_jobs: list[str], reference_run) -> None:
-    """``scontrol requeue``: SIGTERM to every rank, a checkpoint within KillWait, an exact resume."""
-    reference_run(max_steps=STEPS, devices=RANKS)
-    job = Job(tmp_path, slurm_cluster, slurm_jobs, "requeue", 0.5)
-    job.wait_state("RUNNING", timeout=120)
-    job.wait_training(3)
-    subprocess.run(["scontrol", "requeue", job.id], check=True, timeout=30)
-    assert_finished_like_reference(job, reference_run)
-    first = {e["signal"] for e in job.events() if e["event"] == "signal" and e["restart_count"] == 0}
-    assert first == {"SIGTERM"}, first
 
 
 @pytest.mark.timeout(2 * JOB_TIMEOUT)
@@ -210,5 +216,5 @@ def test_requeue_limit_stops_requeueing(tmp_path: Path, slurm_cluster: SlurmClus
     info = job.wait_state("FAILED")
     assert info["Restarts"] == "0", info
     assert "requeue limit reached" in job.log_text(), job.log_tail()
-    outcomes = [e.get("outcome") for e in job.events() if e["event"] == "requeue"]
-    assert outcomes == ["limit_reached"], outcomes
+    outcomes = [e.get("outcome") for e in job.events() if e["event"] == Event.REQUEUE]
+    assert outcomes == [RequeueOutcomeName.LIMIT_REACHED], outcomes

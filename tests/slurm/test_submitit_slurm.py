@@ -11,10 +11,10 @@ import submitit
 from helpers import assert_same_as_reference
 from test_slurm_e2e import submit_high
 
-from preemptible.core.journal import read_events
 from preemptible.core.rundir import read_progress
-from preemptible.scheduler.submitit import PreemptibleTask
+from preemptible.core.schema import Event, read_events
 from preemptible.examples.train import train_from_options
+from preemptible.scheduler.submitit import PreemptibleTask
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -44,17 +44,19 @@ def test_autoexecutor_job_preempted_resumes_and_returns_result(tmp_path: Path, s
 
     slurm_cluster.wait_for(lambda: trained_steps() >= 3, 180, f"submitit job {job.job_id} to train 3 steps")
     submit_high(tmp_path, slurm_jobs)
-    results = job.results()  # one per task; waits through the requeue
+    # one result per task, through the requeue; bounded (slurm_jobs cancels the job if this fails)
+    slurm_cluster.wait_for(lambda: job.done(), 360, f"submitit job {job.job_id} to finish after its requeue")
+    results = job.results()
     assert [r["global_step"] for r in results] == [STEPS, STEPS]
     info = slurm_cluster.job_info(job.job_id)
     assert info is not None and int(info["Restarts"]) == 1, info
 
     events = list(read_events(run_dir / "events.jsonl"))
-    stops = [e["step"] for e in events if e["event"] == "stop_agreed"]
-    starts = [e["step"] for e in events if e["event"] == "train_start"]
+    stops = [e["step"] for e in events if e["event"] == Event.STOP_AGREED]
+    starts = [e["step"] for e in events if e["event"] == Event.TRAIN_START]
     assert len(stops) == 1 and starts == [0, stops[0]], (stops, starts)
-    requeues = [e for e in events if e["event"] == "requeue"]
+    requeues = [e for e in events if e["event"] == Event.REQUEUE]
     assert len(requeues) == 1 and requeues[0]["backend"] == "submitit", requeues
-    signalled = {(e["rank"], e["signal"]) for e in events if e["event"] == "signal"}
+    signalled = {(e["rank"], e["signal"]) for e in events if e["event"] == Event.SIGNAL}
     assert signalled == {(0, "SIGUSR2"), (1, "SIGUSR2")}, "submitit's --signal reaches every task at preemption"
     assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=2))
