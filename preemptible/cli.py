@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Run 'preemptible COMMAND --help' for a command's options and examples.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # not dest="command": ``run`` and ``sbatch`` have a positional of that name, which would overwrite it
+    sub = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
     for name in _COMMANDS:
         try:
             module = importlib.import_module(name)
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"preemptible {args.command}: error: {exc}", file=sys.stderr)
+        print(f"preemptible {args.subcommand}: error: {exc}", file=sys.stderr)
         return 2
 
 

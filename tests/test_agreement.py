@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import queue
 import socket
+import time
 
-import torch.distributed as dist
-import torch.multiprocessing as mp
+import pytest
 
 
 def _free_port() -> int:
@@ -16,6 +18,8 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, vote_at: dict, out, every: int = 1, ask_any_at: int = 0, deferred: bool = False) -> None:
+    import torch.distributed as dist  # here, so that a worker that needs no torch starts fast
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     from preemptible.core.agreement import DistributedStopAgreement
@@ -40,18 +44,89 @@ def _worker(rank: int, port: int, vote_at: dict, out, every: int = 1, ask_any_at
     dist.destroy_process_group()
 
 
-def _run(vote_at: dict, every: int = 1, ask_any_at: int = 0, deferred: bool = False) -> dict:
+def _run(vote_at: dict, every: int = 1, ask_any_at: int = 0, deferred: bool = False, timeout: float = 120,
+         target=None, spawned: list | None = None) -> dict:
+    """Both ranks' (step, decision); a rank that fails, hangs or never answers fails the test by name.
+
+    The workers are reaped in every case (terminated, then killed): a deadlock in the agreement is a test
+    failure after ``timeout`` seconds, not a gloo wait of half an hour at interpreter exit.
+    """
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, vote_at, out, every, ask_any_at, deferred)) for r in range(2)]
+    procs = [ctx.Process(target=target or _worker, args=(r, port, vote_at, out, every, ask_any_at, deferred),
+                         daemon=True) for r in range(2)]
+    if spawned is not None:
+        spawned.extend(procs)
+    try:
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        results: dict = {}
+        while len(results) < len(procs):
+            try:
+                rank, stopped_at = out.get(timeout=0.2)
+                results[rank] = stopped_at
+                continue
+            except queue.Empty:
+                pass
+            failed = {r: p.exitcode for r, p in enumerate(procs) if r not in results and p.exitcode is not None}
+            assert not failed, f"rank(s) exited without a result (rank: exit code): {failed}; see the captured stderr"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"rank(s) {sorted(set(range(len(procs))) - set(results))} gave no result within "
+                                     f"{timeout:.0f} s (stuck in the agreement?); results so far: {results}")
+        for p in procs:
+            p.join(timeout=max(1.0, deadline - time.monotonic()))
+        stuck = [r for r, p in enumerate(procs) if p.is_alive()]
+        assert not stuck, f"rank(s) {stuck} did not exit after giving their result (stuck in close/destroy?)"
+        codes = {r: p.exitcode for r, p in enumerate(procs)}
+        assert set(codes.values()) == {0}, f"exit codes by rank: {codes}"
+        return results
+    finally:
+        _reap(procs)
+        out.close()
+        out.cancel_join_thread()
+
+
+def _reap(procs: list) -> None:
     for p in procs:
-        p.start()
-    results = dict(out.get(timeout=120) for _ in procs)
+        if p.is_alive():
+            p.terminate()
     for p in procs:
-        p.join(timeout=60)
-        assert p.exitcode == 0
-    return results
+        if p.pid is None:  # never started
+            continue
+        p.join(timeout=5)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+def _rank_1_hangs(rank: int, port: int, vote_at: dict, out, *rest) -> None:
+    if rank == 1:
+        time.sleep(3600)  # a rank stuck in a collective that never completes
+    out.put((rank, None))
+
+
+def test_a_rank_that_hangs_fails_the_test_by_name_and_every_worker_is_reaped() -> None:
+    spawned: list = []
+    with pytest.raises(AssertionError, match=r"rank\(s\) \[1\] gave no result within 10 s"):
+        _run({}, timeout=10, target=_rank_1_hangs, spawned=spawned)
+    assert len(spawned) == 2 and not any(p.is_alive() for p in spawned)
+
+
+def _rank_1_fails(rank: int, port: int, vote_at: dict, out, *rest) -> None:
+    if rank == 1:
+        raise SystemExit(3)  # a rank that dies (the other one would wait for it in the next collective)
+    time.sleep(3600)
+
+
+def test_a_rank_that_dies_fails_the_test_at_once_by_name() -> None:
+    spawned: list = []
+    t0 = time.monotonic()
+    with pytest.raises(AssertionError, match=r"rank\(s\) exited without a result \(rank: exit code\): \{1: 3\}"):
+        _run({}, timeout=60, target=_rank_1_fails, spawned=spawned)
+    assert time.monotonic() - t0 < 30, "a dead rank is noticed before the deadline"
+    assert not any(p.is_alive() for p in spawned)
 
 
 def test_one_rank_votes_both_stop_on_the_same_step_with_one_step_latency() -> None:

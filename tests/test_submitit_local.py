@@ -10,6 +10,7 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from typing import Any, Iterator
 
 import psutil
 import pytest
@@ -18,8 +19,9 @@ from helpers import assert_same_as_reference
 
 from preemptible.core.journal import read_events
 from preemptible.core.rundir import read_progress
-from preemptible.scheduler.submitit import PreemptibleTask
+from preemptible.core.schema import Event
 from preemptible.examples.train import train_from_options
+from preemptible.scheduler.submitit import PreemptibleTask
 
 STEPS = 30
 
@@ -30,9 +32,75 @@ def _task(tmp_path: Path, devices: int, steps: int = STEPS, **extra) -> tuple[Pr
     return PreemptibleTask(train_from_options, run_dir=tmp_path / "run", **options), record
 
 
+#: Seconds a job may take to deliver its results (through its relaunches) before the test fails.
+JOB_TIMEOUT = 300
+
+
+@pytest.fixture
+def submit(tmp_path: Path) -> Iterator[Any]:
+    """``submit(task, **parameters)``: a LocalExecutor job whose processes are killed after the test.
+
+    Whatever ends the test (a failed assertion, a bounded wait running out, pytest-timeout), no
+    controller, task or DataLoader worker outlives it.
+    """
+    jobs: list[submitit.local.local.LocalJob] = []
+
+    def submit_(task: PreemptibleTask, **parameters: Any) -> submitit.local.local.LocalJob:
+        executor = submitit.LocalExecutor(folder=tmp_path / "logs")
+        executor.update_parameters(**parameters)
+        job = executor.submit(task)
+        jobs.append(job)
+        return job
+
+    yield submit_
+    for job in jobs:
+        _kill(job)
+
+
+def _kill(job: submitit.local.local.LocalJob) -> None:
+    process = job._process
+    if process is None:
+        return
+    try:
+        controller = psutil.Process(process.pid)
+        tree = [controller, *controller.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        tree = []
+    for p in tree:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(tree, timeout=10)
+    if process.poll() is None:
+        process.wait(timeout=10)
+
+
+def _results(job: submitit.local.local.LocalJob, timeout: float = JOB_TIMEOUT) -> list[Any]:
+    """``job.results()`` with a bound: the job must be done within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not job.done():
+        if time.monotonic() > deadline:
+            log = Path(job.paths.stderr)
+            tail = log.read_text()[-2000:] if log.exists() else "(no stderr log)"
+            raise AssertionError(f"submitit job {job.job_id} not done within {timeout:.0f} s; its stderr ends:\n{tail}")
+        time.sleep(0.2)
+    return job.results()
+
+
+def _wait_for_event(run_dir: Path, event: str, timeout: float) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == event]
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no {event!r} event in the run's journal within {timeout:.0f} s")
+
+
 def _tasks_of(job: submitit.local.local.LocalJob) -> list[psutil.Process]:
     controller = psutil.Process(job._process.pid)
-    return [p for p in controller.children(recursive=False)]
+    return list(controller.children(recursive=False))
 
 
 def _wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
@@ -58,34 +126,44 @@ def _check_resumed(run_dir: Path, devices: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("devices", [pytest.param(1, id="1task"), pytest.param(2, id="2tasks", marks=pytest.mark.ddp)])
-def test_signal_to_task_pid(tmp_path: Path, devices: int, reference_run) -> None:
+def test_signal_to_task_pid(tmp_path: Path, devices: int, reference_run, submit) -> None:
     task, record = _task(tmp_path, devices)
-    executor = submitit.LocalExecutor(folder=tmp_path / "logs")
-    executor.update_parameters(timeout_min=10, tasks_per_node=devices)
-    job = executor.submit(task)
+    job = submit(task, timeout_min=10, tasks_per_node=devices)
     _wait_for_step(tmp_path / "run", 8)
     tasks = _tasks_of(job)
     assert len(tasks) == devices
     tasks[-1].send_signal(signal.SIGUSR2)  # submitit's preemption signal, to one task only
-    results = job.results()  # one result per task
+    results = _results(job)  # one result per task
     assert len(results) == devices and {r["global_step"] for r in results} == {STEPS}
     events = _check_resumed(tmp_path / "run", devices)
     assert not any(e["event"] == "signal" and e["rank"] != devices - 1 for e in events), "only the signalled rank saw it"
     assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=devices))
 
 
-def test_simulated_timeout_is_checkpointed_and_relaunched(tmp_path: Path, reference_run) -> None:
-    steps = 120  # 30 s at 0.25 s a step: still training when the signal comes 15 s after the start
+def test_simulated_timeout_is_checkpointed_and_relaunched(tmp_path: Path, reference_run, submit) -> None:
+    steps = 120
+    # submitit's LocalExecutor sends SIGUSR2 at timeout - signal_delay_s (signal_at s after its start) and
+    # relaunches a task that exits with 144. The first attempt sleeps 0.25 s a step (30 s of training),
+    # so the signal lands during training whatever the start-up took, as long as training started before
+    # it: the test waits for that state (the journal's train_start) instead of assuming a start-up time,
+    # and says so when the machine was too slow for the timer. The relaunch runs at full speed.
+    signal_at = 30
     task, record = _task(tmp_path, 1, steps=steps)
-    executor = submitit.LocalExecutor(folder=tmp_path / "logs")
-    # submitit's LocalExecutor sends SIGUSR2 at timeout - signal_delay_s (here 15 s after start) and
-    # relaunches a task that exits with 144; the relaunch runs at full speed and finishes well in time.
-    executor.update_parameters(timeout_min=1, signal_delay_s=45)
-    job = executor.submit(task)
-    result = job.result()
+    submitted = time.time()  # the controller's clock starts after this: its signal comes later than submitted + signal_at
+    job = submit(task, timeout_min=1, signal_delay_s=60 - signal_at)
+    train_start = _wait_for_event(tmp_path / "run", Event.TRAIN_START, timeout=signal_at + 30)
+    assert train_start["time"] < submitted + signal_at, (
+        f"training started {train_start['time'] - submitted:.1f} s after the submission, after submitit's timeout "
+        f"signal ({signal_at} s): the machine is too slow for this test's timer")
+    result = _results(job)[0]
     assert result["global_step"] == steps
     events = _check_resumed(tmp_path / "run", 1)
-    assert [e["signal"] for e in events if e["event"] == "signal"] == ["SIGUSR2"]
+    signals = [e for e in events if e["event"] == Event.SIGNAL]
+    assert [e["signal"] for e in signals] == ["SIGUSR2"]
+    first_start = next(e for e in events if e["event"] == Event.TRAIN_START)
+    first_stop = next(e for e in events if e["event"] == Event.STOP_AGREED)
+    received = signals[0].get("received_at") or signals[0]["time"]
+    assert first_start["time"] < received and 0 < first_stop["step"] < steps, "the signal landed during training"
     log = Path(job.paths.stdout).read_text() + Path(job.paths.stderr).read_text()
     assert "Bypassing" not in log, "submitit's SIGTERM bypass handler never fired during fit"
     assert_same_as_reference(record, reference_run(max_steps=steps, devices=1))

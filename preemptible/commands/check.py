@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import importlib.machinery
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from preemptible.core.schema import TraceKind
 
 EXAMPLES = """
 examples:
@@ -34,16 +42,21 @@ def register(sub: Any) -> None:
 
 def run_check(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from preemptible.tools.checking import check_resume
 
+    _check_spec(args.factory)
     console = Console()
     with console.status(f"running {args.factory}: uninterrupted, then preempted..."):
         report = check_resume(args.factory, steps=args.steps, preempt_at=args.preempt_at, ranks=args.ranks,
                               workdir=args.workdir, signal=args.signal, seed=args.seed)
     if report.error:
-        console.print(f"[red]check could not compare: {report.error}")
+        console.print(f"[red]check of {escape(args.factory)} could not compare: {escape(report.error)}")
+        cause = _failure_cause(report.error)
+        if cause:
+            console.print(f"[red]{escape(cause)}")
         return 2
     console.print(f"signal after step {report.preempt_at}; all ranks stopped at step {report.stop_step}; "
                   f"resumed at step {report.resumed_from_step}")
@@ -52,7 +65,7 @@ def run_check(args: argparse.Namespace) -> int:
         table.add_column(col)
     first = report.first_difference
     for c in report.comparisons:
-        if c.key[0] != "train":
+        if c.key[0] != TraceKind.TRAIN:
             continue
         mark = "[green]yes" if c.equal else "[red]NO"
         table.add_row(str(c.key[1]), str(c.key[2]), str(c.key[3]), str(c.key[4]), _loss(c.reference), _loss(c.resumed),
@@ -65,13 +78,40 @@ def run_check(args: argparse.Namespace) -> int:
     for line in report.tensor_differences[:10]:
         console.print(f"[red]final state: {line}")
     if report.identical:
-        console.print(f"[bold green]identical: all {len(report.comparisons)} losses, every step's weights and the final tensors match bit for bit")
+        console.print(f"[bold green]identical: all {len(report.comparisons)} losses, every step's weights and the final "
+                      "tensors match bit for bit")
         return 0
     if first is not None:
-        console.print(f"[bold red]the runs part at rank {first.key[1]}, step {first.key[4]} (epoch {first.key[2]}, batch {first.key[3]})")
+        console.print(f"[bold red]the runs part at rank {first.key[1]}, step {first.key[4]} "
+                      f"(epoch {first.key[2]}, batch {first.key[3]})")
     console.print("[bold red]not identical[/] — see the README's 'What is exact' for the usual causes")
     return 1
 
 
 def _loss(hexed: Any) -> str:
     return "-" if hexed is None else f"{float.fromhex(hexed):.9g}"
+
+
+def _check_spec(spec: str) -> None:
+    """A malformed MODULE:FACTORY or a top-level package that is nowhere is an error before any run starts.
+
+    Nothing is imported here (the user's module is imported only in the runs' processes); the runs start
+    with ``python -m``, so the current directory is searched as well.
+    """
+    module, _, attr = spec.partition(":")
+    if not module or not attr or not attr.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
+        raise ValueError(f"factory {spec!r} is not MODULE:FACTORY, e.g. mypkg.train:make_experiment")
+    top = module.split(".")[0]
+    if importlib.util.find_spec(top) is None and importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path]) is None:
+        raise ValueError(f"factory {spec!r}: no module named {top!r} (not installed, and not in the current directory "
+                         "or on PYTHONPATH)")
+
+
+def _failure_cause(error: str) -> Optional[str]:
+    """The exception a failed run ended with, from the log its error names (``...; see <log>``)."""
+    match = re.search(r"see (\S+\.log)$", error)
+    if not match or not Path(match.group(1)).is_file():
+        return None
+    lines = Path(match.group(1)).read_text(errors="replace").splitlines()
+    causes = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)(:|$)", line)]
+    return causes[-1] if causes else None

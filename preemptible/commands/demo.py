@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from preemptible.core.schema import read_trace, trace_key
 
 EXAMPLES = """
 examples:
@@ -25,8 +27,13 @@ def register(sub: Any) -> None:
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--devices", type=int, default=None, help="CPU ranks (default: 2 if there are >= 2 cores, else 1)")
     p.add_argument("--steps", type=int, default=48, help="training steps (default 48)")
-    p.add_argument("--out", default="runs/demo", help="where the two runs are written (emptied first)")
+    p.add_argument("--out", default="runs/demo", help="where the two runs are written (an earlier demo's output there is "
+                                                       "replaced; a directory holding other files is refused)")
     p.set_defaults(func=run_demo)
+
+
+#: What a demo writes into --out: all that may be there when it empties the directory.
+_OUTPUTS = frozenset({"reference", "preempted", "reference.jsonl", "preempted.jsonl", "reference.log", "preempted.log"})
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -39,6 +46,12 @@ def run_demo(args: argparse.Namespace) -> int:
     devices = args.devices or (2 if (os.cpu_count() or 1) >= 2 else 1)
     out = Path(args.out)
     if out.exists():
+        if not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a directory")
+        strangers = sorted(p.name for p in out.iterdir() if p.name not in _OUTPUTS)
+        if strangers:  # emptied only when it holds nothing but an earlier demo's output
+            raise ValueError(f"--out {out} holds files that are not an earlier demo's ({', '.join(strangers[:5])}): "
+                             "choose a new or empty directory")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     steps = args.steps
@@ -59,7 +72,8 @@ def run_demo(args: argparse.Namespace) -> int:
     if ref.exit_code != 0:
         console.print(f"[red]the reference run failed (exit {ref.exit_code}); see {out / 'reference.log'}")
         return 1
-    plan = [Preemption(at_step=steps * 3 // 10, signal="USR1"), Preemption(at_step=steps * 7 // 10, signal="TERM")]
+    plan = [Preemption(at_step=steps * 3 // 10, signal=signal.SIGUSR1),
+            Preemption(at_step=steps * 7 // 10, signal=signal.SIGTERM)]
     with console.status("2/2 preempted run: SIGUSR1, relaunch, SIGTERM, relaunch..."):
         t0 = time.time()
         run = LocalSupervisor(command(run_record), run_dir=out / "preempted", plan=plan, timeout=300,
@@ -91,7 +105,8 @@ def run_demo(args: argparse.Namespace) -> int:
     same_set = {k[:5] for k in got_losses} == {k[:5] for k in ref_losses}
     weights_equal = got_final == ref_final
     verdict = all_equal and same_set and weights_equal and replayed == 0
-    console.print(f"batches replayed: {replayed}   batches skipped: {len({k[:5] for k in ref_losses} - {k[:5] for k in got_losses})}   "
+    skipped = len({k[:5] for k in ref_losses} - {k[:5] for k in got_losses})
+    console.print(f"batches replayed: {replayed}   batches skipped: {skipped}   "
                   f"final weights bitwise equal on every rank: {'yes' if weights_equal else 'NO'}")
     console.print(f"wall time: reference {ref_seconds:.1f} s, preempted run {run_seconds:.1f} s "
                   f"({len(run.attempts)} attempts, each pays process start-up)")
@@ -104,12 +119,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _losses(record: Path) -> tuple[dict[tuple[Any, ...], str], dict[int, str]]:
-    losses: dict[tuple[Any, ...], str] = {}
-    final: dict[int, str] = {}
-    for line in record.read_text().splitlines():
-        e = json.loads(line)
-        if e["kind"] == "final":
-            final[e["rank"]] = e["weights"]
-        else:
-            losses[(e["kind"], e["rank"], e["epoch"], e["batch"], e["step"], e["attempt"])] = e["loss"]
-    return losses, final
+    """Loss by (kind, rank, epoch, batch, step, attempt): a batch replayed by a later attempt keeps both entries."""
+    trace = read_trace(record)
+    losses = {(*trace_key(e), e["attempt"]): e["loss"] for e in trace.lines}
+    return losses, trace.final

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 from preemptible.core.exit import REQUEUE_EXIT_CODE
@@ -36,7 +37,8 @@ def register(sub: Any) -> None:
     p.add_argument("--signal", default="USR1", help="USR1 (sbatch --signal), TERM (preemption), USR2 (submitit); default USR1")
     p.add_argument("--target", default="tree", help="'tree' (every process, like SLURM) or 'rank:N' (one rank only)")
     p.add_argument("--max-restarts", type=int, default=10, metavar="K", help="relaunch at most K times (default 10)")
-    p.add_argument("--run-dir", default=None, help="run directory (exported as PREEMPTIBLE_RUN_DIR); needed for --preempt-at-step")
+    p.add_argument("--run-dir", default=None,
+                   help="run directory (exported as PREEMPTIBLE_RUN_DIR); needed for --preempt-at-step")
     p.add_argument("--timeout", type=float, default=3600, help="kill an attempt that runs longer than this (seconds)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     p.set_defaults(func=run_command)
@@ -45,9 +47,15 @@ def register(sub: Any) -> None:
 def run_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from preemptible.core.signals import parse_signal
+
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
+    # checked before anything starts, also when no preemption is planned (a typo is not silently ignored)
+    parse_signal(args.signal)
+    if args.target != "tree" and not re.fullmatch(r"rank:\d+", args.target):
+        raise ValueError(f"unknown --target {args.target!r}: use 'tree' or 'rank:N'")
     plan = [Preemption(at_step=n, signal=args.signal, target=args.target) for n in args.preempt_at_step or []]
     plan += [Preemption(after_seconds=s, signal=args.signal, target=args.target) for s in args.preempt_after or []]
     console = Console(stderr=True)
