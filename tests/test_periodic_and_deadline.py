@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from helpers import assert_same_as_reference, example_command
 
-from preemptible import REQUEUE_EXIT_CODE
+from preemptible import REQUEUE_EXIT_CODE, latest_checkpoint
 from preemptible.core.deadline import JobDeadline, parse_slurm_time
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.schema import REASON_PERIODIC, Event, read_events
@@ -60,12 +61,17 @@ def test_deadline_checkpoints_and_requeues_before_the_hard_end(tmp_path: Path, r
     deadline = [e for e in events if e["event"] == Event.DEADLINE]
     stops = [e for e in events if e["event"] == Event.STOP_AGREED]
     assert deadline and stops and stops[0]["reason"] == "deadline"
-    assert deadline[0]["seconds_left"] < deadline[0]["needed"]
-    assert any(e["event"] == Event.CHECKPOINT and e["reason"] == "deadline" for e in events)
+    # The point of the deadline: the checkpoint is committed, and every rank has left, before the job's end.
+    end = deadline[0]["time"] + deadline[0]["seconds_left"]
+    saves = [e for e in events if e["event"] == Event.CHECKPOINT and e["reason"] == "deadline"]
+    exits = [e for e in events if e["event"] == Event.EXIT]
+    assert len(saves) == 1 and saves[0]["step"] == stops[0]["step"]
+    assert saves[0]["time"] < end and exits and all(e["time"] < end for e in exits), (saves, exits, end)
+    assert latest_checkpoint(tmp_path / "run").name == f"step-{stops[0]['step']:09d}.ckpt"
 
 
 def test_parse_slurm_end_time() -> None:
-    assert parse_slurm_time("2026-11-30T21:00:00") is not None
+    assert parse_slurm_time("2026-11-30T21:00:00") == datetime(2026, 11, 30, 21, 0).timestamp()  # local time
     assert parse_slurm_time("N/A") is None and parse_slurm_time("Unknown") is None
     fixed = JobDeadline(JobEnvironment.from_env({}), end_time=1e12)
     assert fixed.known and not fixed.too_close(60)

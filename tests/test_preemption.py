@@ -66,8 +66,10 @@ def test_sigusr1_sigterm_a_burst_and_a_signal_to_rank1_only(tmp_path: Path, devi
     # SIGUSR1 to every rank
     first = summary.attempts[0]
     assert first.exit_code == REQUEUE_EXIT_CODE and first.checkpoint and first.stop_step >= 7
-    # SIGTERM to every rank
-    assert summary.attempts[1].signal_name == "SIGTERM"
+    # SIGTERM to every rank: every rank journaled it, and the stop and its checkpoint carry it as their reason
+    assert {(e["rank"], e["signal"]) for e in _of_attempt(events, 1, Event.SIGNAL)} == {(r, "SIGTERM") for r in range(devices)}
+    assert [e["reason"] for e in _of_attempt(events, 1, Event.STOP_AGREED)] == ["SIGTERM"]
+    assert [e["reason"] for e in _of_attempt(events, 1, Event.CHECKPOINT)] == ["SIGTERM"]
     # the burst: one signal burst, one emergency checkpoint
     assert [e["reason"] for e in _of_attempt(events, 2, Event.CHECKPOINT)] == ["SIGUSR1"], \
         "one signal burst, one emergency checkpoint"
@@ -100,7 +102,12 @@ def test_signal_before_the_first_step_then_during_validation(tmp_path: Path, ref
     assert first.stop_step == 0 and first.checkpoint is None, "nothing trained yet: nothing to save"
     assert summary.attempts[1].resumed_from_step == 0
     events = list(read_events(tmp_path / "run" / "events.jsonl"))
-    assert _of_attempt(events, 1, Event.SIGNAL), "the signal during validation was noticed"
+    assert [e["step"] for e in _of_attempt(events, 0, Event.SIGNAL)] == [0], "the signal before the first step was journaled"
+    # The run held in the validation of step 10 until the signal was recorded there: the stop is taken at the
+    # first training boundary after that validation (step 11), where the signal is first looked at.
+    assert [e["step"] for e in _of_attempt(events, 1, Event.SIGNAL)] == [11]
+    assert [e["step"] for e in _of_attempt(events, 1, Event.STOP_AGREED)] == [11] == [summary.attempts[1].stop_step]
+    assert [e["step"] for e in _of_attempt(events, 1, Event.CHECKPOINT)] == [11]
     assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=1, step_sleep=SLEEP, **options))
 
 

@@ -7,8 +7,8 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -73,16 +73,37 @@ def test_checkpoint_of_a_different_model_is_refused_by_name(finished_run: Path, 
 
 
 def test_checkpoint_of_a_different_world_size_is_refused(finished_run: Path) -> None:
-    import pytorch_lightning as pl
-
     from preemptible.examples.models import TinyModel
     from preemptible.lightning.compat import CheckpointMismatch, check_checkpoint_fits
 
     path = finished_run / "checkpoints" / "step-000000006.ckpt"
+    record = path.with_name(path.name + ".commit.json")
+    before = (path.read_bytes(), record.read_bytes())
     with pytest.raises(CheckpointMismatch, match="written by a run of 1 rank.*this run has 2.*allow_world_size_change"):
         check_checkpoint_fits(path, TinyModel(), world_size=2, allow_world_size_change=False)
-    check_checkpoint_fits(path, TinyModel(), world_size=2, allow_world_size_change=True)
-    assert isinstance(pl.__version__, str)
+    check_checkpoint_fits(path, TinyModel(), world_size=2, allow_world_size_change=True)  # allowed: no error
+    assert (path.read_bytes(), record.read_bytes()) == before, "the refused checkpoint and its record are untouched"
+    assert not (finished_run / "checkpoints" / "quarantine").exists(), "a refused checkpoint is not quarantined"
+
+
+@pytest.mark.ddp
+def test_two_rank_job_refuses_a_one_rank_checkpoint(tmp_path: Path) -> None:
+    """Through a real 2-rank DDP resume: every rank fails with the message, nothing trains, nothing is moved."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PREEMPTIBLE_RUN_DIR": str(run_dir)}
+    first = subprocess.run(example_command(tmp_path / "one.jsonl", max_steps=4, devices=1), env=env,
+                           capture_output=True, text=True, timeout=240)
+    assert first.returncode == 0, first.stderr[-3000:]
+    path = run_dir / "checkpoints" / "step-000000004.ckpt"
+    before = path.read_bytes()
+    second = subprocess.run(example_command(tmp_path / "two.jsonl", max_steps=8, devices=2), env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert second.returncode != 0
+    assert "written by a run of 1 rank(s); this run has 2" in second.stderr, second.stderr[-3000:]
+    assert "allow_world_size_change=True" in second.stderr
+    assert not (tmp_path / "two.jsonl").exists() or "train" not in (tmp_path / "two.jsonl").read_text(), "nothing trained"
+    assert path.read_bytes() == before and sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        "step-000000004.ckpt", "step-000000004.ckpt.commit.json"], "the checkpoint is untouched and nothing was added"
 
 
 def test_lock_stale_detection(tmp_path: Path) -> None:
@@ -143,9 +164,19 @@ def test_free_space_warning_names_the_sizes(tmp_path: Path, monkeypatch: pytest.
 
     usage = namedtuple("usage", "total used free percent")
     monkeypatch.setattr(psutil, "disk_usage", lambda path: usage(100, 100, 10, 90.0))  # the disk, not the code, is faked
-    with pytest.warns(UserWarning, match="MiB free.*an emergency save may fail with a full disk"):
-        warn_if_short_of_space(CheckpointStore(tmp_path / "ckpt"), TinyModel())
-    assert sys.platform.startswith("linux")
+    store = CheckpointStore(tmp_path / "ckpt")
+    with pytest.warns(UserWarning, match="MiB free.*an emergency save may fail with a full disk") as caught:
+        warn_if_short_of_space(store, TinyModel())
+    assert str(store.directory) in str(caught[0].message), "the warning names the directory"
+    # Room for exactly two checkpoints of the estimate (3 x the parameters) is enough: no warning.
+    need = 3 * sum(p.numel() * p.element_size() for p in TinyModel().parameters())
+    monkeypatch.setattr(psutil, "disk_usage", lambda path: usage(10 * need, 8 * need, 2 * need, 80.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_if_short_of_space(store, TinyModel())
+    monkeypatch.setattr(psutil, "disk_usage", lambda path: usage(10 * need, 8 * need, 2 * need - 1, 80.0))
+    with pytest.warns(UserWarning, match="MiB free"):
+        warn_if_short_of_space(store, TinyModel())
 
 
 def test_progress_bar_keeps_working_under_the_callback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -115,12 +115,12 @@ def _wait_for_step(run_dir: Path, step: int, timeout: float = 120) -> None:
 
 def _check_resumed(run_dir: Path, devices: int) -> list[dict]:
     events = list(read_events(run_dir / "events.jsonl"))
-    stops = [e["step"] for e in events if e["event"] == "stop_agreed"]
-    resumes = [e["step"] for e in events if e["event"] == "train_start"][1:]
+    stops = [e["step"] for e in events if e["event"] == Event.STOP_AGREED]
+    resumes = [e["step"] for e in events if e["event"] == Event.TRAIN_START][1:]
     assert stops and resumes == stops, f"resumed at {resumes}, stopped at {stops}"
-    requeues = [e for e in events if e["event"] == "requeue"]
+    requeues = [e for e in events if e["event"] == Event.REQUEUE]
     assert len(requeues) == len(stops), "exactly one requeue per preemption (rank 0 only)"
-    exits = [e for e in events if e["event"] == "exit"]
+    exits = [e for e in events if e["event"] == Event.EXIT]
     assert len(exits) == devices * len(stops), "every rank stopped"
     return events
 
@@ -136,7 +136,7 @@ def test_signal_to_task_pid(tmp_path: Path, devices: int, reference_run, submit)
     results = _results(job)  # one result per task
     assert len(results) == devices and {r["global_step"] for r in results} == {STEPS}
     events = _check_resumed(tmp_path / "run", devices)
-    assert not any(e["event"] == "signal" and e["rank"] != devices - 1 for e in events), "only the signalled rank saw it"
+    assert not any(e["event"] == Event.SIGNAL and e["rank"] != devices - 1 for e in events), "only the signalled rank saw it"
     assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=devices))
 
 
