@@ -13,7 +13,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
@@ -100,6 +100,7 @@ class PreemptionCallback(Callback):
         self.session = PreemptionSession(self.config, JobEnvironment.from_env())  # records signals from here on
         self._loaders = LoaderTracker(enabled=exact_data)
         self._snapshot: Optional[LightningSnapshot] = None
+        self._validation_due: Callable[[], bool] = lambda: False
         if "wandb" in sys.modules or importlib.util.find_spec("wandb") is not None:
             try:
                 export_wandb_run_id(self.session.run)
@@ -151,6 +152,7 @@ class PreemptionCallback(Callback):
             # collective per batch either way); otherwise they go in a reduction of their own.
             session.agreement.deferred = hooks.replace_lightning_sigterm_broadcast(trainer, session.agreement.reduce_pending)
         self._snapshot = LightningSnapshot(trainer, lambda: self._rank_state(trainer))
+        self._validation_due = lambda: hooks.validation_due(trainer)  # made once, not per batch
         session.start(checkpoint=ckpt)
 
     def on_sanity_check_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -178,7 +180,7 @@ class PreemptionCallback(Callback):
         # end-of-epoch validation and hooks, like an uninterrupted run. A stop agreed where validation is
         # due waits for it, so the resumed run neither skips that validation nor shifts the random stream.
         self.session.boundary(trainer.global_step, trainer.current_epoch, self._snapshot,
-                              epoch_ends=progress.is_last_batch, validation_due=lambda: hooks.validation_due(trainer))
+                              epoch_ends=progress.is_last_batch, validation_due=self._validation_due)
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not trainer.sanity_checking and self._snapshot is not None:
