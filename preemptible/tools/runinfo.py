@@ -4,6 +4,10 @@ Pure functions over ``events.jsonl``, ``run.json``, ``progress.json`` and the ch
 ``preemptible status`` and ``preemptible report``; no Lightning, no rich. Nothing is written or moved, so
 it is safe on a directory whose job is running (a damaged checkpoint is reported, never quarantined).
 
+Why one module of ~540 lines: the definitions below are the contract of ``status`` and ``report``, and
+the functions of this module implement them one by one; kept in one file, a reader checks each function
+against the definition it claims, where a split would put the two in different files.
+
 Definitions (times are the journal's wall-clock ``time`` fields, in seconds):
 
 * **Attempt**: one process lifetime of the job, opened by rank 0's ``start``/``resume`` event (trainer
