@@ -9,6 +9,7 @@ from pathlib import Path
 
 from helpers import example_command
 
+from preemptible.core.schema import RECORD_FILE, RunRecordKey
 from preemptible.tools.testing import run_preempted
 
 
@@ -27,7 +28,7 @@ def test_loggers_continue_in_the_same_version_and_run(tmp_path: Path) -> None:
     steps = sorted({int(r["step"]) for r in rows if r.get("train_loss")})
     assert steps[0] == 0 and steps[-1] == 15 and len(steps) == 16, f"metrics of both attempts in one file: {steps}"
 
-    record = json.loads((tmp_path / "run" / "run.json").read_text())["loggers"]
+    record = json.loads((tmp_path / "run" / RECORD_FILE).read_text())[RunRecordKey.LOGGERS]
     wandb_id = record["2:WandbLogger"]
     runs = list((logs / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(wandb_id) for r in runs), f"both attempts are run {wandb_id}: {runs}"

@@ -10,26 +10,11 @@ import sys
 from pathlib import Path
 
 from preemptible import REQUEUE_EXIT_CODE
-from preemptible.core.schema import Event, read_events
+from preemptible.core.schema import Event, read_events, read_trace
 from preemptible.tools.testing import run_preempted
 
 SCRIPT = Path(__file__).parent / "scripts" / "plain_loop.py"
 STEPS = 30
-
-
-def _trace(path: Path) -> tuple[dict[int, str], list[int], str]:
-    losses: dict[int, str] = {}
-    repeated: list[int] = []
-    final = ""
-    for line in path.read_text().splitlines():
-        key, value = line.split()
-        if key == "final":
-            final = value
-        elif int(key) in losses:
-            repeated.append(int(key))
-        else:
-            losses[int(key)] = value
-    return losses, repeated, final
 
 
 def test_plain_loop_resumes_on_the_same_step_bitwise(tmp_path: Path) -> None:
@@ -55,9 +40,9 @@ def test_plain_loop_resumes_on_the_same_step_bitwise(tmp_path: Path) -> None:
     assert [e["code"] for e in events if e["event"] == Event.EXIT] == [REQUEUE_EXIT_CODE]
     assert events[-1]["event"] == Event.FINISH and events[-1]["step"] == STEPS
 
-    want, _, want_final = _trace(ref_trace)
-    got, repeated, got_final = _trace(got_trace)
-    assert not repeated, f"steps trained twice after the resume: {repeated}"
-    assert sorted(got) == list(range(1, STEPS + 1))
-    assert got == want, "a loss differs from the uninterrupted run"
-    assert got_final == want_final != ""
+    want, got = read_trace(ref_trace), read_trace(got_trace)
+    assert not got.duplicates, f"steps trained twice after the resume: {got.duplicates}"
+    assert sorted(key[4] for key in got.entries) == list(range(1, STEPS + 1))
+    assert got.losses == want.losses, "a loss differs from the uninterrupted run"
+    assert got.final == want.final and set(got.final) == {0}
+    assert {e["attempt"] for e in got.entries.values()} == {0, 1}, "both attempts trained"

@@ -1,16 +1,19 @@
 """A plain PyTorch loop (no Lightning) on the trainer-neutral session: ``python plain_loop.py RUN_DIR STEPS TRACE [SLEEP]``.
 
-Appends ``step loss`` (float.hex) per step to TRACE and the final weights' digest at the end.
+Appends a step trace (``preemptible.core.schema``) to TRACE: each step's loss and the final weights' digest.
 """
 
 import hashlib
+import json
 import sys
 import time
 
 import torch
 
 from preemptible.core.checkpointing import DictSnapshot, rank_state_in
+from preemptible.core.environment import JobEnvironment
 from preemptible.core.rng import restore_rng
+from preemptible.core.schema import TraceKind, trace_entry
 from preemptible.core.session import PreemptionSession
 
 run_dir, total, trace = sys.argv[1], int(sys.argv[2]), open(sys.argv[3], "a")
@@ -18,7 +21,7 @@ sleep = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0  # seconds per step, so
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Dropout(0.2), torch.nn.Linear(16, 1))
 opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-step = 0
+step, attempt = 0, JobEnvironment.from_env().restart_count
 session = PreemptionSession(run_dir=run_dir, requeue="local", deadline=False)
 resume = session.resume_path()
 if resume:
@@ -37,11 +40,12 @@ while step < total:
     opt.zero_grad(), loss.backward(), opt.step()
     step += 1
     time.sleep(sleep)
-    print(step, float(loss.detach()).hex(), file=trace, flush=True)
+    entry = trace_entry(TraceKind.TRAIN, 0, 0, None, step, attempt, loss=float(loss.detach()).hex())
+    print(json.dumps(entry), file=trace, flush=True)
     session.boundary(step, epoch=0, snapshot=snapshot)
     session.leave_if_stopped()  # raises Preempted (exit code 144) after the emergency checkpoint
 session.training_ended(step, epoch=0, snapshot=snapshot)
 session.finished(step)
 session.end()
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
-print("final", digest, file=trace, flush=True)
+print(json.dumps(trace_entry(TraceKind.FINAL, 0, 0, None, step, attempt, weights=digest)), file=trace, flush=True)
