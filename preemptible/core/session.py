@@ -8,20 +8,8 @@ The adapter tells it where the loop is (``open``/``start``/``training_started``/
 ``validation_ended``/``training_ended``/``end``) and hands it a :class:`~preemptible.core.checkpointing.Snapshot`
 that dumps the trainer's state. It imports neither ``lightning`` nor ``pytorch_lightning``.
 
-A plain loop, on one process (see ``tests/test_plain_loop.py`` for the whole of it)::
-
-    session = PreemptionSession(SessionConfig(run_dir="runs/exp1"))
-    start = load(session.resume_path())            # your own torch.load; 0 on a fresh start
-    session.open(rank=0, world_size=1)
-    session.start(checkpoint=session.resumed_from)
-    session.training_started(step=start, epoch=0, loaded=session.resumed_from)
-    for step in range(start + 1, total + 1):
-        train_one_step()
-        session.boundary(step, epoch=0, snapshot=snapshot)
-        session.leave_if_stopped()                 # raises Preempted after the emergency checkpoint
-    session.training_ended(step, epoch=0, snapshot=snapshot)
-    session.finished(step)
-    session.end()
+A plain loop drives it directly: ``tests/scripts/plain_loop.py`` is a complete one (README: "Without
+Lightning"); ``tests/test_session.py`` tests the logic on a fake loop.
 """
 
 from __future__ import annotations
