@@ -121,7 +121,7 @@ def test_staging_refuses_while_a_write_still_reads_the_buffers() -> None:
     writer = BackgroundWriter()
     release = threading.Event()
     writer.stage({"w": torch.ones(2)})
-    writer.submit(lambda: release.wait(10))
+    writer.submit(lambda: release.wait(10), step=0)
     try:
         with pytest.raises(RuntimeError, match="still being written"):
             writer.stage({"w": torch.zeros(2)})

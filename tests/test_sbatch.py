@@ -259,3 +259,18 @@ def test_cli_submits_and_prints_the_job_id(tmp_path: Path, monkeypatch: pytest.M
     # The default run directory exists before sbatch runs: SLURM does not create --output's directory.
     assert (tmp_path / "runs" / "exp").is_dir()
     assert f"--output={tmp_path}/runs/exp/slurm-%j.out" in (tmp_path / "got").read_text()
+
+
+def test_the_templates_are_package_data_where_they_are_looked_up() -> None:
+    """An installed copy finds its templates: pyproject's package-data covers the files ``find_template`` reads."""
+    import tomllib
+
+    import preemptible
+
+    root = Path(__file__).resolve().parents[1]
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = {(Path(preemptible.__file__).parent.joinpath(*package.split(".")[1:]) / pattern)
+               for package, patterns in package_data.items() for pattern in patterns}
+    shipped_files = {p.resolve() for pattern in shipped for p in pattern.parent.glob(pattern.name)}
+    for name in ("single", "ddp"):
+        assert find_template(name).resolve() in shipped_files, f"{name}.sbatch is not in the wheel's package-data"

@@ -150,6 +150,8 @@ def test_config_refuses_bad_values_with_the_fix() -> None:
     with pytest.raises(ValueError, match="keep=1"):
         SessionConfig(keep=1)
     assert SessionConfig(verify="sha256").verify == "checksum"
+    with pytest.raises(TypeError, match="either a SessionConfig or settings"):
+        PreemptionSession(SessionConfig(), keep=3)
     assert SessionConfig(signals=["USR1", "TERM", "USR1"]).signals == (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -334,3 +336,20 @@ def test_journal_refuses_what_the_schema_does_not_know(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="has no field"):
         session.run.journal.append(Event.FINISH, steps=1)
     assert STATE_KEY == "PreemptionCallback"
+
+
+def test_max_requeues_from_the_environment_is_checked_where_it_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PREEMPTIBLE_MAX_REQUEUES", "lots")
+    assert JobEnvironment.from_env().max_requeues == "lots", "reading the environment never fails"
+    assert SessionConfig(max_requeues=3).max_requeues == 3, "an explicit value does not look at it"
+    with pytest.raises(ValueError, match="PREEMPTIBLE_MAX_REQUEUES='lots' is not a whole number"):
+        SessionConfig()
+    monkeypatch.setenv("PREEMPTIBLE_MAX_REQUEUES", "7")
+    assert SessionConfig().max_requeues == 7
+
+
+def test_several_ranks_without_a_process_group_is_refused_with_the_fix(tmp_path: Path) -> None:
+    session = make_session(tmp_path / "run")
+    with pytest.raises(RuntimeError, match="world_size=2 but torch.distributed has no process group.*init_process_group"):
+        session.open(rank=0, world_size=2)
+    session.end()

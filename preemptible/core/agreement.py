@@ -35,7 +35,7 @@ class StopAgreement:
         return vote
 
     def now(self, vote: int) -> int:
-        """Blocking agreement, for points that are not step boundaries (train start, teardown)."""
+        """Blocking agreement, for points that are not step boundaries (the start of training)."""
         return vote
 
     def any(self, flag: bool) -> bool:
@@ -173,4 +173,7 @@ def make_agreement(world_size: int, every: int = 1) -> StopAgreement:
 
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         return DistributedStopAgreement(every=every)
+    if world_size > 1:
+        raise RuntimeError(f"preemptible: world_size={world_size} but torch.distributed has no process group: "
+                           "call torch.distributed.init_process_group() on every rank before the session opens")
     return StopAgreement()

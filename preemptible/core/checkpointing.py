@@ -112,7 +112,7 @@ class BackgroundWriter:
             del self._staging[key]
         return staged
 
-    def submit(self, work: Callable[[], None], step: int = -1) -> None:
+    def submit(self, work: Callable[[], None], step: int) -> None:
         """Run ``work`` (write and commit the checkpoint of ``step``) on the writer thread."""
         def run() -> None:
             try:
@@ -191,8 +191,8 @@ def save_checkpoint(run: RunDirectory, agreement: StopAgreement, snapshot: Snaps
     if is_global_zero:
         _say_if_short_of_space(run, snapshot)
     rank_state = dict(snapshot.rank_state(), signal_at=signal_at)
-    # The stop vote issued at this boundary stays in flight (every rank issued it before this gather,
-    # so the group runs them in the same order everywhere) and is read at the next boundary as usual.
+    # A stop vote issued at this boundary (and, in deferred mode, one only cast) is left alone: every rank
+    # issued or cast it before this gather, so the group runs the collectives in the same order everywhere.
     states = agreement.gather(rank_state)
     store = run.store
     pending = store.begin(step) if is_global_zero else None
@@ -208,9 +208,8 @@ def save_checkpoint(run: RunDirectory, agreement: StopAgreement, snapshot: Snaps
             copy_seconds = time.time() - copy_started
         elif snapshot.streams:
             if pending is not None:
-                whole = checkpoint
-                store.write(pending, lambda f: torch_save_without_zip_crc(whole, f))
-            checkpoint = None
+                store.write(pending, lambda f: torch_save_without_zip_crc(checkpoint, f))
+            checkpoint = None  # the dump is not held through the commit and the agreement
         else:
             snapshot.write(checkpoint, temp)
             checkpoint = None

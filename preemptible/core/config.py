@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional, Union
+from typing import Iterable, Optional, Union
 
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.requeue import BACKENDS, RequeueBackend
@@ -28,22 +28,40 @@ class SessionConfig:
     """How a preemptible run behaves. Every field has the meaning of the ``PreemptionCallback`` argument of the same name.
 
     Attributes:
-        run_dir: where the run lives across restarts (``None``: ``$PREEMPTIBLE_RUN_DIR``, else
-            ``runs/$SLURM_JOB_ID`` under SLURM, else an error when the directory is first needed).
-        signals: the signals that mean "stop soon", as names (``"USR1"``), numbers or ``signal.Signals``.
-        requeue: ``"auto"``, ``"slurm"``, ``"submitit"``, ``"local"``, ``"none"`` or a ``RequeueBackend``.
-        max_requeues: requeues the run may use (``None``: ``$PREEMPTIBLE_MAX_REQUEUES``, else 50).
-        keep: committed checkpoints kept (at least 2; never the one resumed from).
-        verify: ``"checksum"`` (size and checksum before resuming) or ``"size"``; ``"sha256"`` means ``"checksum"``.
-        checksum: how new checkpoints are checksummed: ``"crc32"`` or ``"sha256"``.
-        exact_data: resume map-style training loaders at the exact batch (adapters that own the loaders).
-        save_on_finish: commit a last checkpoint when training ends.
-        allow_world_size_change: resume a checkpoint written by a different number of ranks (inexact).
-        every_n_steps, every_n_minutes: periodic safety checkpoints (``None``: off).
-        async_save: write periodic checkpoints on a background thread from a CPU copy.
-        deadline: ``True`` reads the job's end time from SLURM; a number is a fixed end time (unix
-            seconds); ``False``/``None`` turns it off.
-        agree_every_n_steps: under DDP, reduce the stop votes every N optimizer steps.
+        run_dir: the run's directory, identical for every restart. Default: ``$PREEMPTIBLE_RUN_DIR``,
+            else ``runs/<SLURM_JOB_ID>`` under SLURM, else an error when the directory is first needed.
+        signals: signals that mean "stop soon": names (``"USR1"``, ``"SIGTERM"``), numbers or ``signal.Signals``.
+        requeue: ``"auto"`` (SLURM → ``scontrol requeue``; submitit → submitit; else the exit code only),
+            ``"slurm"``, ``"submitit"``, ``"local"``, ``"none"``, or a :class:`~preemptible.core.requeue.RequeueBackend`.
+        max_requeues: how many requeues the run may use (counted from ``SLURM_RESTART_COUNT`` and the
+            run's own record). Past it the checkpoint is still written, and the process exits with code 1
+            and a message saying so. Default: ``$PREEMPTIBLE_MAX_REQUEUES``, else 50.
+        keep: committed checkpoints to keep (at least 2; never the one the run resumed from).
+        verify: ``"checksum"`` (default) checks size and checksum of a checkpoint before resuming from it,
+            ``"size"`` only its size (``"sha256"``, the name of 0.1.0, means ``"checksum"``).
+        checksum: how new checkpoints are checksummed: ``"crc32"`` (default; detects accidental
+            damage, 2-3x faster than sha256 to write and to check) or ``"sha256"``.
+        exact_data: make map-style training ``DataLoader`` s resume mid-epoch at the exact batch with
+            the same shuffle and augmentation randomness (adapters that own the loaders; README "What is exact").
+        save_on_finish: commit a last checkpoint when training ends, so that a finished run that is
+            started again (a late requeue, an operator's resubmission) resumes at its end instead of redoing work.
+        allow_world_size_change: resume a checkpoint written by a different number of ranks (the
+            continuation is then not exact); by default that is an error naming both numbers.
+        every_n_steps, every_n_minutes: periodic safety checkpoints (against crashes and SIGKILL without
+            warning) through the same atomic store and retention. The time-based one follows rank 0's
+            clock. Under DDP a save lands one or two steps after it is due (the ranks agree on it as on a
+            stop), and one still being written in the background skips the next.
+        async_save: write periodic checkpoints on a background thread from a CPU copy of the state,
+            so training waits only for the copy, not for the disk. The copy's buffers are kept and
+            reused from one save to the next: one checkpoint's worth of CPU memory.
+        deadline: ``True`` reads the job's end time from SLURM (``squeue``) and checkpoints and requeues
+            proactively when the time left would no longer fit an emergency save; a number is a fixed
+            end time (unix seconds); ``False`` turns it off.
+        agree_every_n_steps: under DDP, reduce the ranks' stop votes only every N optimizer steps.
+            Under Lightning, while SIGTERM is among ``signals``, the reduction runs in the slot of
+            Lightning's own per-batch SIGTERM broadcast, which it replaces, so it adds no collective;
+            raising N removes even that one from most batches (the stop then comes up to 2 N steps
+            after the signal instead of 1-2), which shows only on steps of a few milliseconds.
 
     Example::
 
@@ -69,7 +87,7 @@ class SessionConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self, env: Optional[JobEnvironment] = None) -> None:
+    def validate(self) -> None:
         """Check every field (and normalise a few); raise ``ValueError`` naming the argument and the fix."""
         if self.verify not in ("checksum", "sha256", "size"):
             raise ValueError(f"verify={self.verify!r}: use 'checksum' (size and checksum) or 'size'")
@@ -81,8 +99,15 @@ class SessionConfig:
         if not isinstance(self.requeue, RequeueBackend) and self.requeue not in BACKENDS:
             raise ValueError(f"requeue={self.requeue!r}: choose one of {', '.join(BACKENDS)} or pass a RequeueBackend")
         if self.max_requeues is None:
-            from_env = (env or JobEnvironment.from_env()).max_requeues
-            self.max_requeues = DEFAULT_MAX_REQUEUES if from_env is None else from_env
+            from_env = JobEnvironment.from_env().max_requeues
+            if from_env is None:
+                self.max_requeues = DEFAULT_MAX_REQUEUES
+            else:
+                try:
+                    self.max_requeues = int(from_env)
+                except ValueError:
+                    raise ValueError(f"PREEMPTIBLE_MAX_REQUEUES={from_env!r} is not a whole number; set it to e.g. 50, "
+                                     "unset it, or pass max_requeues=") from None
         if self.max_requeues < 0:
             raise ValueError(f"max_requeues={self.max_requeues} must be >= 0")
         if self.keep < 2:
@@ -100,9 +125,3 @@ class SessionConfig:
     def requeue_limit(self) -> int:
         assert self.max_requeues is not None  # set by validate()
         return self.max_requeues
-
-    def describe(self) -> dict[str, Any]:
-        """The settings as plain values (signal names), for messages and records."""
-        return {"signals": [parse_signal(s).name for s in self.signals], "requeue": getattr(self.requeue, "name", self.requeue),
-                "max_requeues": self.max_requeues, "every_n_steps": self.every_n_steps,
-                "every_n_minutes": self.every_n_minutes, "async_save": self.async_save}

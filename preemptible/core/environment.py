@@ -43,7 +43,7 @@ class JobEnvironment:
     host: str
     local_rank: int = 0
     run_dir: str | None = None
-    max_requeues: int | None = None
+    max_requeues: str | None = None  # as written: SessionConfig parses it, with a clear error, when it is used
     signal_lead: float | None = None
     progress_interval: float = 1.0
     progress_event_seconds: float = 30.0
@@ -63,7 +63,7 @@ class JobEnvironment:
             host=socket.gethostname(),
             local_rank=_int(env.get("LOCAL_RANK") or env.get("SLURM_LOCALID"), 0),
             run_dir=env.get("PREEMPTIBLE_RUN_DIR") or None,
-            max_requeues=_int_or_none(env.get("PREEMPTIBLE_MAX_REQUEUES"), "PREEMPTIBLE_MAX_REQUEUES"),
+            max_requeues=env.get("PREEMPTIBLE_MAX_REQUEUES") or None,
             signal_lead=_float(env.get("PREEMPTIBLE_SIGNAL_LEAD"), None),
             progress_interval=_float(env.get("PREEMPTIBLE_PROGRESS_INTERVAL"), 1.0) or 0.0,
             progress_event_seconds=_float(env.get("PREEMPTIBLE_PROGRESS_EVENT_SECONDS"), 30.0) or 0.0,
@@ -100,15 +100,6 @@ def _int(value: str | None, default: int) -> int:
         return int(value) if value not in (None, "") else default
     except ValueError:
         return default
-
-
-def _int_or_none(value: str | None, name: str) -> int | None:
-    if not value:  # None or ""
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{name}={value!r} is not a whole number; set it to e.g. 50, or unset it") from None
 
 
 def _float(value: str | None, default: float | None) -> float | None:

@@ -32,7 +32,7 @@ def resolve_run_dir(run_dir: str | os.PathLike[str] | None = None, env: JobEnvir
         return Path("runs") / env.requeue_job_id
     raise RunDirError(
         "preemptible does not know where this run keeps its checkpoints. Pass "
-        "PreemptionCallback(run_dir='runs/my-experiment') or export PREEMPTIBLE_RUN_DIR; "
+        "run_dir='runs/my-experiment' (to PreemptionCallback or PreemptionSession) or export PREEMPTIBLE_RUN_DIR; "
         "the same directory must be given to every restart of the run."
     )
 

@@ -181,7 +181,8 @@ class CommitRecordKey:
 REASON_PERIODIC = "periodic"
 REASON_FINISHED = "finished"
 
-#: Where the adapters keep preemptible's own state inside a trainer checkpoint (Lightning: ``callbacks[...]``).
+#: Where the adapters keep preemptible's own state inside a checkpoint (Lightning: ``callbacks[...]``; a plain
+#: loop's ``DictSnapshot``: the top level). The name is the callback's, kept so that existing checkpoints load.
 STATE_KEY = "PreemptionCallback"
 #: Version of that state's layout: ``{"format", "ranks": [per-rank state], "gathered"}``.
 STATE_FORMAT = 1

@@ -5,8 +5,9 @@ loop): it owns the signal handlers that only record, resume discovery and valida
 lock, the votes and the agreement, the pending stop, the two-phase save through the store, the
 journal and ``run.json``, the requeue request and leaving with :class:`~preemptible.Preempted`.
 The adapter tells it where the loop is (``open``/``start``/``training_started``/``boundary``/
-``validation_ended``/``training_ended``/``end``) and hands it a :class:`~preemptible.core.checkpointing.Snapshot`
-that dumps the trainer's state. It imports neither ``lightning`` nor ``pytorch_lightning``.
+``validation_ended``/``training_ended``/``finished``/``end``; ``leave`` once it is ``stopping``; ``abandon``
+on an error) and hands it a :class:`~preemptible.core.checkpointing.Snapshot` that dumps the trainer's state.
+It imports neither ``lightning`` nor ``pytorch_lightning``.
 
 A plain loop drives it directly: ``tests/scripts/plain_loop.py`` is a complete one (README: "Without
 Lightning"); ``tests/test_session.py`` tests the logic on a fake loop.
@@ -70,6 +71,8 @@ class PreemptionSession:
 
     def __init__(self, config: Optional[SessionConfig] = None, env: Optional[JobEnvironment] = None,
                  **settings: Any) -> None:
+        if config is not None and settings:
+            raise TypeError(f"PreemptionSession: pass either a SessionConfig or settings, not both (got {sorted(settings)})")
         self.config = config if config is not None else SessionConfig(**settings)
         self.env = env or JobEnvironment.from_env()
         self.signals = SignalRecorder(self.config.signals)
@@ -295,14 +298,15 @@ class PreemptionSession:
         return handlers
 
     def end(self) -> None:
-        """Every rank, last: let a background write land (reporting a failure), close the agreement, restore handlers, unlock."""
+        """Every rank, last: let a background write land, close the agreement, restore handlers, unlock; then
+        report a background write that failed (last, so that a warning turned into an error skips nothing)."""
         self.active = False
         self.background.wait()
-        self._report_background_failure()
         self.agreement.close()
         self.signals.restore()
         if self._lock is not None:
             self._lock.release()
+        self._report_background_failure()
 
     # -- internals -------------------------------------------------------------------------------------
     def _journal_signal(self, step: int) -> None:
@@ -314,7 +318,7 @@ class PreemptionSession:
 
     def _vote(self, step: int) -> int:
         self._journal_signal(step)
-        vote = self.policy.vote(step, self.signals.note)
+        vote = self.policy.vote(step, self.signals.note)  # the recorder's plain attributes: no lock, cheap
         if vote == votes.DEADLINE:
             deadline = self.policy.deadline
             left = deadline.seconds_left() if deadline is not None else None
@@ -368,12 +372,17 @@ class PreemptionSession:
 
     def _save(self, snapshot: Snapshot, step: int, epoch: int, reason: str, signal_at: Optional[float] = None,
               background: bool = False) -> Optional[StoredCheckpoint]:
-        """Every rank, same step: one checkpoint through the store (never pruning the one resumed from)."""
+        """Every rank, same step: one checkpoint through the store (never pruning the one resumed from).
+
+        A background write that failed since the last save is reported after this one, outside its
+        collectives (a warning turned into an error on rank 0 must not leave the other ranks waiting).
+        """
+        stored = save_checkpoint(self.run, self.agreement, snapshot, step=step, epoch=epoch, reason=reason,
+                                 world_size=self.world_size, is_global_zero=self.is_global_zero,
+                                 protect={self.resumed_from}, signal_at=signal_at,
+                                 background=self.background if background else None)
         self._report_background_failure()
-        return save_checkpoint(self.run, self.agreement, snapshot, step=step, epoch=epoch, reason=reason,
-                               world_size=self.world_size, is_global_zero=self.is_global_zero,
-                               protect={self.resumed_from}, signal_at=signal_at,
-                               background=self.background if background else None)
+        return stored
 
     def _background_failed(self, exc: BaseException, step: int) -> None:
         # On the writer thread: journal it now, so that `preemptible status` shows it even if the process dies.

@@ -125,7 +125,7 @@ class SignalRecorder:
             signal.signal(signum, self._handle)
 
     def ignore_from_now_on(self) -> None:
-        """Set the signals to SIG_IGN: for a process that has saved and is exiting (see the callback)."""
+        """Set the signals to SIG_IGN: for a process that has saved and is exiting (see ``PreemptionSession.abandon``)."""
         if threading.current_thread() is threading.main_thread():
             for signum in self.signals:
                 signal.signal(signum, signal.SIG_IGN)

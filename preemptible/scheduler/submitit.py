@@ -35,6 +35,8 @@ from typing import Any, Callable, Optional
 
 import submitit
 
+from preemptible.core.environment import JobEnvironment
+
 __all__ = ["PreemptibleTask"]
 
 
@@ -81,7 +83,7 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
 
 def _export_distributed_env() -> None:
     env = submitit.JobEnvironment()
-    if env.num_tasks <= 1 or os.environ.get("SLURM_JOB_ID"):
+    if env.num_tasks <= 1 or JobEnvironment.from_env().under_slurm:
         return  # one task, or SLURM: Lightning's SLURMEnvironment reads the ranks itself
     port = os.environ.get("MASTER_PORT") or str(random.Random(env.job_id).randint(20000, 60000))
     per_node = env.num_tasks // env.num_nodes
