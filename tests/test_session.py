@@ -290,14 +290,15 @@ def test_a_failed_background_save_is_journaled_and_reported(tmp_path: Path, caps
 
     bad = DictSnapshot(lambda: {"thing": Unpicklable()})
     session.boundary(1, 0, bad)
-    session.boundary(2, 0, bad)  # periodic save, written on the background thread, fails there
-    session.background.wait()
-    failed = [e for e in read_events(run_dir) if e["event"] == Event.CHECKPOINT_FAILED]
-    assert len(failed) == 1 and failed[0]["step"] == 2 and "cannot be saved" in failed[0]["error"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        session.end()
-    assert any("background checkpoint at step 2 failed" in str(w.message) for w in caught)
+        session.boundary(2, 0, bad)  # periodic save, written on the background thread, fails there
+        session.background.wait()
+        failed = [e for e in read_events(run_dir) if e["event"] == Event.CHECKPOINT_FAILED]
+        assert len(failed) == 1 and failed[0]["step"] == 2 and "cannot be saved" in failed[0]["error"]
+        session.end()  # reports it, unless the save itself already did (when the thread failed at once)
+    reported = [w for w in caught if "background checkpoint at step 2 failed" in str(w.message)]
+    assert len(reported) == 1, "reported once, by the save after it or at the end"
     assert not list((run_dir / "checkpoints").glob("*.ckpt")), "nothing half-written was committed"
     # `preemptible status` shows it.
     info = summarize(run_dir)
@@ -353,3 +354,23 @@ def test_several_ranks_without_a_process_group_is_refused_with_the_fix(tmp_path:
     with pytest.raises(RuntimeError, match="world_size=2 but torch.distributed has no process group.*init_process_group"):
         session.open(rank=0, world_size=2)
     session.end()
+
+
+def test_a_committed_checkpoint_stays_good_when_the_clean_up_after_it_fails(tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    run_dir = tmp_path / "run"
+    session = make_session(run_dir)
+    loop = FakeLoop(session)
+    start_fresh(session)
+
+    def full_disk(**kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(session.run.store, "prune", full_disk)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    session.boundary(1, 0, loop.snapshot)  # the emergency save: committed, then the prune fails
+    assert session.pending.stop is not None and session.pending.stop.checkpoint is not None
+    assert session.resume_path() == str(session.pending.stop.checkpoint), "committed and valid"
+    with pytest.raises(Preempted):
+        session.leave()
+

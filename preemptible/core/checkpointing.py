@@ -262,13 +262,19 @@ def save_checkpoint(run: RunDirectory, agreement: StopAgreement, snapshot: Snaps
 def _commit(run: RunDirectory, pending: PendingCheckpoint, record: CommitRecord, protect: set[Path], started: float,
             reason: str) -> StoredCheckpoint:
     stored = run.store.commit(pending, record)
-    run.store.prune(protect=protect | {stored.path})
-    commit_at = time.time()
-    signal_at = record.extra.get("signal_at")
-    copy = {"copy_seconds": record.extra["copy_seconds"]} if "copy_seconds" in record.extra else {}
-    run.journal.append(Event.CHECKPOINT, path=str(stored.path), step=record.step, bytes=stored.record.bytes,
-                       seconds=round(commit_at - started, 4), reason=reason, background=record.extra.get("background"),
-                       signal_to_commit_seconds=round(commit_at - signal_at, 4) if signal_at else None, **copy)
+    try:
+        run.store.prune(protect=protect | {stored.path})
+        commit_at = time.time()
+        signal_at = record.extra.get("signal_at")
+        copy = {"copy_seconds": record.extra["copy_seconds"]} if "copy_seconds" in record.extra else {}
+        run.journal.append(Event.CHECKPOINT, path=str(stored.path), step=record.step, bytes=stored.record.bytes,
+                           seconds=round(commit_at - started, 4), reason=reason, background=record.extra.get("background"),
+                           signal_to_commit_seconds=round(commit_at - signal_at, 4) if signal_at else None, **copy)
+    except OSError as exc:
+        # The checkpoint is committed: a failed clean-up of older ones or journal line must not turn a good
+        # save into a failed one (the run would then crash instead of being requeued).
+        print(f"preemptible: checkpoint {stored.path.name} is committed, but pruning older checkpoints or "
+              f"journaling it failed: {exc}", flush=True)
     return stored
 
 
