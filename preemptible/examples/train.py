@@ -136,32 +136,19 @@ def _hold_callback(points: Sequence[str], path: str | None) -> Any:
     ``points`` (one per attempt, as ``--signal-at``): wait at that point until this process has recorded
     a preemption signal. ``path``: after the first optimizer step, wait until the file exists.
     """
-    import signal
-    import time
     import warnings
 
     import pytorch_lightning as pl
 
     from preemptible.core.environment import JobEnvironment
+    from preemptible.tools.tracing import hold_until, preemption_signal_recorded
 
     attempt = JobEnvironment.from_env().restart_count
     point = points[attempt] if attempt < len(points) else "-"
 
     def wait(what: str, done: Any) -> None:
-        deadline = time.monotonic() + HOLD_TIMEOUT
-        while not done():
-            if time.monotonic() > deadline:
-                warnings.warn(f"example: gave up waiting for {what} after {HOLD_TIMEOUT:.0f} s", stacklevel=2)
-                return
-            time.sleep(0.01)  # a signal's handler runs during the sleep
-
-    def recorded() -> bool:
-        # The recording handler in place is a bound method of a recorder with a ``note`` (None until a signal came).
-        handler = signal.getsignal(signal.SIGUSR1)
-        recorder = getattr(handler, "__self__", None)
-        if recorder is None or not hasattr(recorder, "note"):
-            raise RuntimeError(f"--hold-for-signal: no recording signal handler is installed (found {handler!r})")
-        return recorder.note is not None
+        if not hold_until(done, HOLD_TIMEOUT):
+            warnings.warn(f"example: gave up waiting for {what} after {HOLD_TIMEOUT:.0f} s", stacklevel=2)
 
     class Hold(pl.Callback):
         def __init__(self) -> None:
@@ -173,7 +160,7 @@ def _hold_callback(points: Sequence[str], path: str | None) -> Any:
                     self.point and self.point.startswith("v") and not trainer.sanity_checking
                     and trainer.global_step == int(self.point[1:])):
                 self.point = None
-                wait("a preemption signal", recorded)
+                wait("a preemption signal", preemption_signal_recorded)
 
         def on_train_batch_end(self, trainer: "pl.Trainer", *args: Any, **kwargs: Any) -> None:
             if self.path is not None and trainer.global_step >= 1:

@@ -12,8 +12,9 @@ import hashlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -140,3 +141,31 @@ class SignalAtStep(pl.Callback):
         if (self.point and self.point.startswith("v") and not trainer.sanity_checking
                 and trainer.global_step == int(self.point[1:])):
             self._fire(trainer)
+
+
+def preemption_signal_recorded() -> bool:
+    """Testing: whether this process's recording handler (``SignalRecorder``) has noted a signal.
+
+    The handler in place for SIGUSR1 is a bound method of the recorder, whose ``note`` is ``None``
+    until a signal came; a process without one is a test set up wrongly, hence the error.
+    """
+    handler = signal.getsignal(signal.SIGUSR1)
+    recorder = getattr(handler, "__self__", None)
+    if recorder is None or not hasattr(recorder, "note"):
+        raise RuntimeError(f"no recording signal handler is installed (found {handler!r})")
+    return recorder.note is not None
+
+
+def hold_until(done: Callable[[], bool], timeout: float) -> bool:
+    """Testing: pause until ``done()`` or ``timeout`` seconds; returns whether it came true.
+
+    It only sleeps (nothing trained, no random number drawn), and a signal's handler runs during
+    the sleep, so a test can hold a run at a state and send its signal there.
+    """
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+

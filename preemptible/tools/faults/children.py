@@ -142,36 +142,26 @@ def train_main(argv: Sequence[str]) -> int:
     import torch
 
     from preemptible.examples import train as train_example
+    from preemptible.tools.tracing import hold_until, preemption_signal_recorded
 
     def wait(what: str, done: Any) -> None:
-        deadline = time.monotonic() + HOLD_TIMEOUT
-        while not done():
-            if time.monotonic() > deadline:
-                print(f"faults: hold gave up waiting for {what} after {HOLD_TIMEOUT:.0f} s", flush=True)
-                return
-            time.sleep(0.005)  # a signal's handler runs during the sleep
+        if not hold_until(done, HOLD_TIMEOUT):
+            print(f"faults: hold gave up waiting for {what} after {HOLD_TIMEOUT:.0f} s", flush=True)
 
-    def recorded() -> bool:
-        # The recording handler in place is a bound method of a recorder with a ``note`` (None until a signal came).
-        recorder = getattr(signal.getsignal(signal.SIGUSR1), "__self__", None)
-        if recorder is None or not hasattr(recorder, "note"):
-            raise RuntimeError("faults: --hold: no recording signal handler is installed")
-        return recorder.note is not None
+    def arrived(point: str, until: str) -> None:
+        holds.discard(point)
+        print(f"faults: holding at {point} until {until}", flush=True)
+        with open(hold_marker(hold_dir, attempt, point), "w"):
+            pass
 
     def hold_for_signal(point: str) -> None:
         if point in holds:
-            holds.discard(point)
-            print(f"faults: holding at {point} until a preemption signal is recorded", flush=True)
-            with open(hold_marker(hold_dir, attempt, point), "w"):
-                pass
-            wait("a preemption signal", recorded)
+            arrived(point, "a preemption signal is recorded")
+            wait("a preemption signal", preemption_signal_recorded)
 
     def hold_for_release(point: str) -> None:
         if point in holds:
-            holds.discard(point)
-            print(f"faults: holding at {point} until released", flush=True)
-            with open(hold_marker(hold_dir, attempt, point), "w"):
-                pass
+            arrived(point, "released")
             release = hold_marker(hold_dir, attempt, "release")
             wait(release, lambda: os.path.exists(release))
 
