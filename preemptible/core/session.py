@@ -187,16 +187,17 @@ class PreemptionSession:
             return
         self._last_step = step
         now = self.policy.note_boundary()
+        waited = self.pending.take(Wait.NEXT_BOUNDARY)
+        decided = waited or self.agreement.step(self._vote(step))
         if self.is_global_zero:
+            # After this boundary's vote: a signal sent on seeing step N in progress.json is looked at from
+            # step N + 1 on, never sometimes at N (the simulator and the tests preempt "at step N" by it).
             self._report_progress(step, epoch, now)
-        decided = self.pending.take(Wait.NEXT_BOUNDARY)
-        if decided:
+        if waited:
             self._act(decided, snapshot, step, epoch)
+        elif not decided:
             return
-        decided = self.agreement.step(self._vote(step))
-        if not decided:
-            return
-        if epoch_ends:
+        elif epoch_ends:
             self.pending.defer(decided, Wait.NEXT_BOUNDARY)
         elif validation_due():
             self.pending.defer(decided, Wait.VALIDATION_END)
