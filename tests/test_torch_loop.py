@@ -9,6 +9,8 @@ every (epoch, batch, step) and the final weights, bit for bit.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 from loop_helpers import assert_bitwise_resumed, run_loop
@@ -16,6 +18,7 @@ from loop_helpers import assert_bitwise_resumed, run_loop
 from preemptible.core.schema import Event
 from preemptible.tools.simulator import Preemption
 
+FORGETFUL = Path(__file__).parent / "scripts" / "forgetful_loop.py"
 STEPS = 40  # 16 batches per epoch on one rank, 8 per rank under DDP: a resume crosses epoch ends
 
 
@@ -46,3 +49,17 @@ def test_two_ranks_signal_to_one_rank_then_to_all(tmp_path: Path) -> None:
     assert [e["step"] for e in stops] == [a.stop_step for a in summary.attempts[:2]]
     exits = [e for e in events if e["event"] == Event.EXIT]
     assert sorted((e["restart_count"], e["rank"]) for e in exits) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+
+
+def test_check_accepts_a_loop_and_tells_exact_from_inexact(tmp_path: Path) -> None:
+    """``preemptible check --loop COMMAND``: the example loop is identical; a loop that forgot its optimizer is not."""
+    exact = subprocess.run([sys.executable, "-m", "preemptible.cli", "check", "--workdir", str(tmp_path / "exact"),
+                            "--preempt-at", "5", "--loop", sys.executable, "-m", "preemptible.examples.torch_loop",
+                            "--max-steps", "20", "--step-sleep", "0.05"], capture_output=True, text=True, timeout=300)
+    assert exact.returncode == 0, exact.stdout + exact.stderr
+    assert "identical: all" in exact.stdout and "resumed at step" in exact.stdout, exact.stdout
+    forgetful = subprocess.run([sys.executable, "-m", "preemptible.cli", "check", "--workdir", str(tmp_path / "forgetful"),
+                                "--preempt-at", "5", "--loop", sys.executable, str(FORGETFUL), "20"],
+                               capture_output=True, text=True, timeout=300)
+    assert forgetful.returncode == 1, forgetful.stdout + forgetful.stderr
+    assert "final state: model.weight: differs" in forgetful.stdout and "not identical" in forgetful.stdout, forgetful.stdout

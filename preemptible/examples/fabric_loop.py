@@ -22,7 +22,7 @@ from preemptible.examples.loop_data import NoisyBlobs, StepTrace, make_model
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--run-dir", required=True)
+    p.add_argument("--run-dir", default=None, help="default: $PREEMPTIBLE_RUN_DIR")
     p.add_argument("--devices", type=int, default=1)
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--num-workers", type=int, default=0)

@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from preemptible.examples.loop_data import NoisyBlobs, StepTrace, make_model
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--run-dir", required=True)
+    p.add_argument("--run-dir", default=None, help="default: $PREEMPTIBLE_RUN_DIR")
     p.add_argument("--ddp", action="store_true")
     p.add_argument("--max-steps", type=int, default=40)
     p.add_argument("--num-workers", type=int, default=0)
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if args.ddp else 0
     torch.manual_seed(1234)
+    random.seed(1234)
+    np.random.seed(1234)  # every generator the process has: the checkpoint holds them all
     model = make_model()
     if args.ddp:
         model = DistributedDataParallel(model)
