@@ -99,6 +99,7 @@ def run(ctx: Context) -> Section:
     section.tables.append(table)
     if bcast.rows:
         section.tables.append(bcast)
+    _fabric_rows(ctx, p, section)
     for ws in p["world_sizes"]:
         d, dc, du = section.data[f"ws{ws}"], section.data[f"ws{ws}_low"], section.data[f"ws{ws}_cpu"]
         c, n, e = d["callback"], d["callback_noexact"], d["empty"]
@@ -122,6 +123,29 @@ def run(ctx: Context) -> Section:
                 f"({pct(dc['own_vs_floor'])}). With `agree_every_n_steps=10` (a collective every 10th batch only) the callback "
                 f"measures {pct(every10['overhead'])} ({pct(dc['callback_every10']['overhead'])}) against plain Lightning.")
     return section
+
+
+def _fabric_rows(ctx: Context, p: dict[str, Any], section: Section) -> None:
+    """A Lightning Fabric loop with and without ``FabricLoop``, measured side by side in one process per world size."""
+    from fabric_overhead import add_rows
+
+    table = Table("Fabric loop: per-step time with `preemptible.fabric.FabricLoop` against the same loop without it "
+                  "(both arms in one process, interleaved; median [range] of per-repetition ratios)", [
+                      "world size", "plain Fabric loop / step", "with FabricLoop / step", "overhead", "difference / step"])
+    for ws in p["world_sizes"]:
+        spec = {"devices": ws, "reps": p["reps"] if ws == 1 else p["reps_ddp"], "warmup": p["warmup"],
+                "steps": p["steps"] if ws == 1 else p["steps_ddp"], "run_root": str(ctx.scratch(f"overhead-fabric-ws{ws}"))}
+        ctx.log(f"overhead: Fabric loop, world size {ws}")
+        res = require(run_worker("fabric_overhead", spec, ctx.workdir / f"overhead-fabric-ws{ws}.json", world_size=ws,
+                                 timeout=900), f"overhead fabric ws={ws}")
+        d = add_rows(table, section.data, ws, res)
+        section.findings.append(
+            f"Lightning Fabric, world size {ws}: {pct(d['overhead'])} per {secs(d['plain'])} step with `FabricLoop` "
+            f"(registered state, exact data position, a stop vote per step), about {secs(d['fabric_loop'] - d['plain'])} "
+            "per step.")
+    table.note = ("Median wall-clock step of rank 0 per repetition (fetch, forward, backward, optimizer step, and for "
+                  "FabricLoop `after_step()`); the same `Fabric`, model and optimizer serve both arms.")
+    section.tables.append(table)
 
 
 def worker(spec: dict[str, Any]) -> None:

@@ -37,7 +37,8 @@ def test_quick_benchmarks_write_every_table(tmp_path: Path) -> None:
         assert heading in text, f"missing section {heading!r}"
     assert "FAILED" not in text
     for needle in ("| torch |", "| pytorch-lightning |", "| filesystem (checkpoints) |", "Command: `",
-                   "Per-step time against a plain Trainer", "÷ raw", "Where the difference goes", "steps lost",
+                   "Per-step time against a plain Trainer",
+                   "Fabric loop: per-step time", "÷ raw", "Where the difference goes", "steps lost",
                    "Save, resume and per-step overhead by state size", "Largest state saved within 25 s",
                    "Training time lost per periodic checkpoint"):
         assert needle in text, f"missing {needle!r}"

@@ -107,7 +107,7 @@ def _run_loop_check(args: argparse.Namespace) -> int:
 
     from preemptible.tools.loopcheck import check_loop_resume
 
-    command = [c for c in (args.loop or [])]
+    command = list(args.loop or [])
     if command[:1] == ["--"]:
         command = command[1:]
     if args.factory is not None or not command:

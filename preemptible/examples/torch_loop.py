@@ -12,6 +12,7 @@ import argparse
 import random
 import sys
 import time
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -49,25 +50,25 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10, gamma=0.5)
     dataset = NoisyBlobs()
-    sampler = DistributedSampler(dataset, shuffle=True, seed=1234) if args.ddp else None
+    sampler: Optional[DistributedSampler[int]] = DistributedSampler(dataset, shuffle=True, seed=1234) if args.ddp else None
     loader = DataLoader(dataset, batch_size=16, shuffle=sampler is None, sampler=sampler,
                         num_workers=args.num_workers)
-    state = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "samples_seen": 0}
+    state: dict[str, Any] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "samples_seen": 0}
     trace = StepTrace(args.trace, rank)
 
     with PreemptibleLoop(state, run_dir=args.run_dir, every_n_steps=args.every_n_steps) as loop:
-        loader = loop.dataloader(loader)  # a resumed epoch continues at its next batch
+        train = loop.dataloader(loader)  # a resumed epoch continues at its next batch
         while loop.step < args.max_steps:
             if sampler is not None:
                 sampler.set_epoch(loop.epoch)  # the epoch this pass over the loader is (a resumed one continues)
-            for x, y in loader:
+            for x, y in train:
                 loss = F.cross_entropy(model(x), y)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 state["samples_seen"] += len(x)
-                trace.step(loop.epoch, loader.batches_this_epoch - 1, loop.step + 1, loss)
+                trace.step(loop.epoch, train.batches_this_epoch - 1, loop.step + 1, loss)
                 time.sleep(args.step_sleep)
                 loop.after_step()  # all ranks agree; on a stop: checkpoint, requeue, exit 144
                 if loop.step == args.max_steps:

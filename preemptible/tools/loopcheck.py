@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from preemptible.core.schema import REASON_FINISHED, STATE_KEY
+from preemptible.core.signals import parse_signal
 from preemptible.core.store import CheckpointStore
 from preemptible.tools.simulator import LocalSupervisor, Preemption, RunSummary
 
@@ -53,7 +54,8 @@ def check_loop_resume(command: Sequence[str], preempt_at: int, workdir: os.PathL
     work.mkdir(parents=True, exist_ok=True)
     report = LoopCheckReport(preempt_at=preempt_at)
     summaries: dict[str, RunSummary] = {}
-    for name, plan in (("reference", []), ("preempted", [Preemption(at_step=preempt_at, signal=signal, target=target)])):
+    preemption = Preemption(at_step=preempt_at, signal=parse_signal(signal), target=target)
+    for name, plan in (("reference", []), ("preempted", [preemption])):
         run_dir = work / name
         shutil.rmtree(run_dir, ignore_errors=True)
         with open(work / f"{name}.log", "wb") as log:
