@@ -10,6 +10,8 @@ weights, bit for bit; the checkpoint is a Fabric checkpoint (``fabric.load`` rea
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from loop_helpers import assert_bitwise_resumed, run_loop
 
 from preemptible import latest_checkpoint
 from preemptible.core.schema import STATE_KEY, Event
+from preemptible.tools.runinfo import summarize
 from preemptible.tools.simulator import Preemption
 
 STEPS = 40
@@ -43,6 +46,14 @@ def test_two_ranks_fabric_launched_signal_to_one_rank_then_to_all(tmp_path: Path
     checkpoint = torch.load(final, weights_only=True)
     assert set(checkpoint) == {"model", "optimizer", "scheduler", "samples_seen", STATE_KEY}
     assert checkpoint["samples_seen"] == STEPS * 16 and len(checkpoint[STATE_KEY]["ranks"]) == 2
+    # `preemptible status` / `report` read a Fabric run as they read a Trainer's.
+    info = summarize(run_dir)
+    assert info.state == "finished" and len(info.attempts) == 3 and info.preemptions == 2, info.to_json()
+    assert info.last_committed_step == STEPS and info.steps_lost == 0, info.to_json()
+    for command, needle in (("status", str(STEPS)), ("report", "goodput")):
+        done = subprocess.run([sys.executable, "-m", "preemptible.cli", command, str(run_dir)], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0 and needle in done.stdout, done.stdout + done.stderr
 
 
 def test_one_rank_standalone_package_with_workers_and_background_checkpoints(tmp_path: Path) -> None:
