@@ -21,6 +21,8 @@ examples:
   preemptible run --run-dir runs/exp1 --preempt-at-step 10 --preempt-at-step 25 -- python train.py
 
 The command is relaunched while it exits with {REQUEUE_EXIT_CODE} (preemptible.REQUEUE_EXIT_CODE).
+Ctrl-C (or SIGTERM to this command) asks the run to checkpoint and stop: no relaunch after it
+(Ctrl-C twice kills it without a checkpoint). Running the same command again resumes.
 """
 
 
@@ -69,6 +71,8 @@ def run_command(args: argparse.Namespace) -> int:
                                      on_event=lambda line: console.print(f"[bold cyan]preemptible run[/]: {line}"))
         summary = supervisor.run()
     console.print(summary_table(summary))
+    if summary.stopped_by is not None:
+        console.print(f"preemptible run: stopped by {summary.stopped_by}; run the same command again to resume")
     code = summary.exit_code
     return 1 if code is None else (code if code >= 0 else 128 - code)
 

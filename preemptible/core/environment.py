@@ -18,6 +18,7 @@ variable                                  field
 ``PREEMPTIBLE_SIGNAL_LEAD``               :attr:`~JobEnvironment.signal_lead` (set by the sbatch templates)
 ``PREEMPTIBLE_PROGRESS_INTERVAL``         :attr:`~JobEnvironment.progress_interval` (seconds, default 1)
 ``PREEMPTIBLE_PROGRESS_EVENT_SECONDS``    :attr:`~JobEnvironment.progress_event_seconds` (default 30)
+``PREEMPTIBLE_STOP_REQUEST``              :attr:`~JobEnvironment.stop_request` (set by ``preemptible run``)
 ========================================  ====================================================
 """
 
@@ -47,6 +48,8 @@ class JobEnvironment:
     signal_lead: float | None = None
     progress_interval: float = 1.0
     progress_event_seconds: float = 30.0
+    #: where ``preemptible run`` notes that it was asked to stop (Ctrl-C/SIGTERM) before it signals the run
+    stop_request: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "JobEnvironment":
@@ -67,6 +70,7 @@ class JobEnvironment:
             signal_lead=_float(env.get("PREEMPTIBLE_SIGNAL_LEAD"), None),
             progress_interval=_float(env.get("PREEMPTIBLE_PROGRESS_INTERVAL"), 1.0) or 0.0,
             progress_event_seconds=_float(env.get("PREEMPTIBLE_PROGRESS_EVENT_SECONDS"), 30.0) or 0.0,
+            stop_request=env.get("PREEMPTIBLE_STOP_REQUEST") or None,
         )
 
     @property
