@@ -35,6 +35,7 @@ Imports neither torch nor Lightning; :mod:`preemptible.scheduler.stopcause` is t
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import time
@@ -44,6 +45,8 @@ from typing import Optional
 
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.schema import StopCauseName
+
+log = logging.getLogger(__name__)
 
 #: Seconds to wait for ``squeue``: a controller that is down answers only after MessageTimeout (18–20 s
 #: measured with MessageTimeout=10), which must not eat the grace period; no answer means "requeue".
@@ -190,8 +193,22 @@ def classify_local(stop_request: Optional[str]) -> StopVerdict:
     return StopVerdict(StopCauseName.REQUESTED, Action.REQUEUE, "a stop signal, no scheduler to ask: relaunch")
 
 
-def decide(env: JobEnvironment, stop_reason: str, timeout: float = QUERY_TIMEOUT) -> StopVerdict:
-    """The verdict for a stop whose agreed reason is ``stop_reason`` (call on global rank 0, at the boundary)."""
+def decide(env: JobEnvironment, stop_reason: str, timeout: float = QUERY_TIMEOUT,
+           signal_at: Optional[float] = None) -> StopVerdict:
+    """The verdict for a stop whose agreed reason is ``stop_reason`` (call on global rank 0, at the boundary).
+
+    ``signal_at``: when the first stop signal arrived (``time.time()``); the controller's state settles
+    10-40 ms after it signalled (measured), so the question waits until 0.1 s after it at most.
+    """
+    if signal_at is not None:
+        time.sleep(max(0.0, min(0.1, signal_at + 0.1 - time.time())))
+    verdict = _decide(env, stop_reason, timeout)
+    if verdict.cause == StopCauseName.UNKNOWN:
+        log.warning("preemptible: %s", verdict.detail)
+    return verdict
+
+
+def _decide(env: JobEnvironment, stop_reason: str, timeout: float) -> StopVerdict:
     if stop_reason == "deadline":
         # preemptible's own deadline (the job's end is near): nothing was sent, nothing to ask.
         return StopVerdict(StopCauseName.TIME_LIMIT, Action.REQUEUE, "the job's deadline is too close for another save")

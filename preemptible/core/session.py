@@ -48,7 +48,6 @@ from preemptible.core.schema import (
     RequeueOutcomeName,
     RunRecordKey,
     RunStatus,
-    StopCauseName,
 )
 from preemptible.core.signals import SignalRecorder
 from preemptible.core.store import StoredCheckpoint
@@ -225,7 +224,8 @@ class PreemptionSession:
             self.leave(before_exit)
 
     def leave(self, before_exit: Callable[[], None] = lambda: None) -> None:
-        """Ask for the requeue (rank 0) and leave on every rank: raises :class:`Preempted` (or a limit/requeue error).
+        """Ask for the requeue (rank 0) and leave on every rank: raises :class:`Preempted` (or a limit/requeue error),
+        or :class:`~preemptible.core.exit.Cancelled` without a requeue when the stop's cause was a cancellation.
 
         ``before_exit`` runs right before the exception (the Lightning adapter lets the rank
         processes it launched exit first).
@@ -298,13 +298,8 @@ class PreemptionSession:
         answer = None
         if self.is_global_zero:
             note = self.signals.note
-            if note is not None:
-                # The controller's state settles 10-40 ms after it signalled (measured): never ask sooner.
-                time.sleep(max(0.0, min(0.1, note.first_at + 0.1 - time.time())))
-            verdict = stop_cause.decide(self.env, reason)
+            verdict = stop_cause.decide(self.env, reason, signal_at=note.first_at if note else None)
             answer = verdict.to_json()
-            if verdict.cause == StopCauseName.UNKNOWN:
-                log.warning("preemptible: %s", verdict.detail)
             self.run.journal.append(Event.STOP_CAUSE, step=step, cause=verdict.cause, action=verdict.action,
                                     detail=verdict.detail)
             self.run.update_record(**{RunRecordKey.LAST_STOP_CAUSE: verdict.cause})
