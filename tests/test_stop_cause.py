@@ -28,6 +28,12 @@ from preemptible.core.store import CheckpointStore
 CLI = [sys.executable, "-m", "preemptible.cli"]
 
 
+def table_rows(text: str) -> list[list[str]]:
+    """The body rows of the rich tables in ``text``, as lists of stripped cells."""
+    return [[cell.strip() for cell in line.strip().strip("│").split("│")] for line in text.splitlines()
+            if line.lstrip().startswith("│")]
+
+
 def state(line: str) -> SlurmJobState:
     return SlurmJobState.parse(line)
 
@@ -115,6 +121,7 @@ def test_ctrl_c_to_preemptible_run_checkpoints_and_does_not_relaunch(tmp_path: P
     assert code == CANCELLED_EXIT_CODE, out[-4000:]
     assert "got SIGINT: asking the run to checkpoint and stop" in out and "stopped by SIGINT: not relaunching" in out
     assert "attempt 1" not in out, out[-4000:]
+    assert [row[-1] for row in table_rows(out)] == [StopCauseName.CANCELLED], out[-3000:]  # the summary's cause
 
     events = list(read_events(run_dir))
     stops = [e["step"] for e in events if e["event"] == Event.STOP_AGREED]

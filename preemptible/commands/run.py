@@ -81,7 +81,8 @@ def summary_table(summary: RunSummary) -> Any:
     from rich.table import Table
 
     table = Table(title="preemptible run: summary", title_justify="left")
-    for col in ("attempt", "exit", "signal", "sent at step", "stopped at step", "resumed from", "signal→commit s", "restart s"):
+    for col in ("attempt", "exit", "signal", "sent at step", "stopped at step", "resumed from", "signal→commit s",
+                "restart s", "cause"):
         table.add_column(col, justify="right")
     for i, a in enumerate(summary.attempts):
         nxt = summary.attempts[i + 1] if i + 1 < len(summary.attempts) else None
@@ -89,7 +90,7 @@ def summary_table(summary: RunSummary) -> Any:
             str(a.index), _fmt(a.exit_code) + (" (killed: timeout)" if a.timed_out else ""),
             a.signal_name or "-", _fmt(a.signal_step), _fmt(a.stop_step),
             _fmt(nxt.resumed_from_step) if nxt else "-",
-            _fmt(a.signal_to_commit, "{:.3f}"), _fmt(summary.restart_seconds(i), "{:.1f}"),
+            _fmt(a.signal_to_commit, "{:.3f}"), _fmt(summary.restart_seconds(i), "{:.1f}"), _fmt(a.stop_cause),
         )
     return table
 

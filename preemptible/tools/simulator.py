@@ -65,6 +65,8 @@ class Attempt:
     resumed_from_step: Optional[int] = None
     first_step_at: Optional[float] = None
     timed_out: bool = False
+    #: the stop's cause as the run journaled it (``cancelled``, ``requested``, ...; see ``core.cause``)
+    stop_cause: Optional[str] = None
 
 
 @dataclass
@@ -245,6 +247,8 @@ class LocalSupervisor:
                 elif kind == Event.CHECKPOINT:
                     a.checkpoint, a.save_seconds = e.get("path"), e.get("seconds")
                     a.signal_to_commit = e.get("signal_to_commit_seconds")
+                elif kind == Event.STOP_CAUSE:
+                    a.stop_cause = e.get("cause")
                 elif kind == Event.TRAIN_START and a.first_step_at is None:
                     a.resumed_from_step, a.first_step_at = e.get("step"), e.get("time")
 
