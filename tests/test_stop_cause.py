@@ -19,7 +19,15 @@ from pathlib import Path
 import pytest
 from helpers import PYTHON
 
-from preemptible.core.cause import Action, SlurmJobState, classify_local, classify_slurm, parse_slurm_duration
+from preemptible.core.cause import (
+    Action,
+    SlurmJobState,
+    classify_local,
+    classify_slurm,
+    decide,
+    parse_slurm_duration,
+)
+from preemptible.core.environment import JobEnvironment
 from preemptible.core.exit import CANCELLED_EXIT_CODE
 from preemptible.core.rundir import read_progress
 from preemptible.core.schema import Event, StopCauseName, read_events
@@ -75,6 +83,18 @@ def test_squeue_lines_and_durations() -> None:
     assert parse_slurm_duration("1-02:03:04") == 93784.0 and parse_slurm_duration("UNLIMITED") is None
     with pytest.raises(ValueError, match="unexpected squeue answer"):
         SlurmJobState.parse("slurm_load_jobs error: Invalid job id specified")
+
+
+def test_decide_by_the_stop_reason_and_the_environment() -> None:
+    local = JobEnvironment.from_env({})
+    assert (decide(local, "SIGINT").cause, decide(local, "SIGINT").action) == (StopCauseName.CANCELLED, Action.END)
+    assert (decide(local, "deadline").cause, decide(local, "deadline").action) == (StopCauseName.TIME_LIMIT,
+                                                                                   Action.REQUEUE)
+    assert decide(local, "SIGUSR1").cause == StopCauseName.REQUESTED
+    # a job the controller does not know (or no controller, or no squeue): requeue, the safe side, saying why
+    unknown = decide(JobEnvironment.from_env({"SLURM_JOB_ID": "999999999"}), "SIGTERM", timeout=5)
+    assert (unknown.cause, unknown.action) == (StopCauseName.UNKNOWN, Action.REQUEUE), unknown
+    assert "did not answer" in unknown.detail
 
 
 def test_local_stop_request(tmp_path: Path) -> None:

@@ -27,7 +27,8 @@ anything else                                          ``unknown``            re
 =====================================================  =====================  ===================
 
 Locally (:func:`classify_local`) the supervisor (``preemptible run``) writes a stop request file before
-it signals the run on Ctrl-C/SIGTERM; the file present means ``cancelled``, absent ``requested``.
+it signals the run on Ctrl-C/SIGTERM; the file present means ``cancelled``, absent ``requested`` (a
+SIGINT received by the run itself, when it is one of the session's signals, means ``cancelled`` too).
 
 Imports neither torch nor Lightning; :mod:`preemptible.scheduler.stopcause` is the command-line face.
 """
@@ -218,4 +219,7 @@ def _decide(env: JobEnvironment, stop_reason: str, timeout: float) -> StopVerdic
         except RuntimeError as exc:
             return classify_slurm(None, env.slurm_restart_count, env.signal_lead, error=str(exc))
         return classify_slurm(answer, env.slurm_restart_count, env.signal_lead)
+    if stop_reason == "SIGINT":
+        # Only when SIGINT is one of the session's signals (not by default): a terminal's Ctrl-C means stop.
+        return StopVerdict(StopCauseName.CANCELLED, Action.END, "SIGINT (Ctrl-C) without a scheduler: stop")
     return classify_local(env.stop_request)
