@@ -203,7 +203,10 @@ def decide(env: JobEnvironment, stop_reason: str, timeout: float = QUERY_TIMEOUT
     """
     if signal_at is not None:
         time.sleep(max(0.0, min(0.1, signal_at + 0.1 - time.time())))
-    verdict = _decide(env, stop_reason, timeout)
+    try:
+        verdict = _decide(env, stop_reason, timeout)
+    except Exception as exc:  # noqa: BLE001 - the other ranks wait for this answer: never leave them hanging
+        verdict = StopVerdict(StopCauseName.UNKNOWN, Action.REQUEUE, f"asking for the stop's cause failed: {exc!r}")
     if verdict.cause == StopCauseName.UNKNOWN:
         log.warning("preemptible: %s", verdict.detail)
     return verdict
