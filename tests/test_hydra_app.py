@@ -44,3 +44,24 @@ def test_hydra_app_preempted_under_preemptible_run_resumes_in_its_run_dir(tmp_pa
     wandb_id = loggers["0:WandbLogger"]
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(r.name.endswith(wandb_id) for r in runs), (wandb_id, runs)
+
+
+def test_run_dir_resolver_prefers_the_launcher_then_the_default_then_the_slurm_job() -> None:
+    import pytest
+    from omegaconf import OmegaConf
+
+    from preemptible.core.environment import JobEnvironment
+    from preemptible.core.rundir import RunDirError
+    from preemptible.scheduler.hydra import register_resolvers, run_dir_for_config
+
+    def env(**variables: str) -> JobEnvironment:
+        return JobEnvironment.from_env(variables)
+
+    assert run_dir_for_config("runs/x", env(PREEMPTIBLE_RUN_DIR="/r", SLURM_JOB_ID="7")) == "/r"
+    assert run_dir_for_config("runs/x", env(SLURM_JOB_ID="7")) == "runs/x"
+    assert run_dir_for_config(None, env(SLURM_JOB_ID="7", SLURM_ARRAY_JOB_ID="6", SLURM_ARRAY_TASK_ID="1")) == "runs/6_1"
+    with pytest.raises(RunDirError, match=r"Give a default, e.g. hydra.run.dir: \$\{preemptible.run_dir:runs/"):
+        run_dir_for_config(None, env())
+    register_resolvers()
+    register_resolvers()  # twice is fine
+    assert OmegaConf.create({"d": "${preemptible.run_dir:runs/fallback}"}).d == "runs/fallback"  # (no PREEMPTIBLE_RUN_DIR)

@@ -32,7 +32,7 @@ AGENT_SIGNALS_FIX = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1,SIGUSR2"
 def agent_signals(env: JobEnvironment) -> frozenset[signal.Signals]:
     """The signals the elastic agent of this rank handles (and passes on to its workers)."""
     names = env.torchelastic_signals if env.torchelastic_signals is not None else AGENT_DEFAULT_SIGNALS
-    handled = set()
+    handled: set[signal.Signals] = set()
     for name in names.split(","):
         try:
             handled.add(signal.Signals[name.strip().upper()])
