@@ -27,6 +27,7 @@ from preemptible.core import votes
 from preemptible.core.agreement import StopAgreement, make_agreement
 from preemptible.core.checkpointing import BackgroundWriter, Snapshot, save_checkpoint
 from preemptible.core.config import SessionConfig
+from preemptible.core.elastic import warn_if_agent_drops_signals
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.exit import Cancelled, Preempted, RequeueLimitReached
 from preemptible.core.lock import RunLock, RunLockedError
@@ -142,6 +143,7 @@ class PreemptionSession:
         if self.is_global_zero:
             run.store.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             warn_if_lead_too_short(self.env.signal_lead, self.policy.save_seconds)
+            warn_if_agent_drops_signals(self.env, self.signals.signals)
             run.journal.append(Event.RESUME if checkpoint else Event.START, checkpoint=str(checkpoint) if checkpoint else None,
                                world_size=self.world_size, attempt=self.env.restart_count, backend=self.backend.name)
             run.update_record(**{RunRecordKey.WORLD_SIZE: self.world_size, RunRecordKey.STATUS: RunStatus.RUNNING,
