@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from preemptible.core.exit import REQUEUE_EXIT_CODE, Preempted, RequeueLimitReached
+from preemptible.core.exit import CANCELLED_EXIT_CODE, REQUEUE_EXIT_CODE, Cancelled, Preempted, RequeueLimitReached
 from preemptible.core.store import CheckpointError, InvalidCheckpoint
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ __all__ = [
     "Preempted",
     "RequeueLimitReached",
     "REQUEUE_EXIT_CODE",
+    "Cancelled",
+    "CANCELLED_EXIT_CODE",
     "CheckpointError",
     "InvalidCheckpoint",
     "latest_checkpoint",

@@ -79,6 +79,7 @@ def test_run_preempts_at_the_step_relaunches_and_summarises_the_attempts(tmp_pat
     assert 5 <= int(first[3]) <= stops[0] and first[4] == first[5] == str(stops[0]), first
     assert float(first[6]) > 0
     assert second[1:6] == ["0", "-", "-", "-", "-"] and float(second[7]) > 0, second
+    assert first[8] == "requested" and second[8] == "-", (first, second)  # the stop's cause, as journaled
 
     # every training batch trained exactly once across the two attempts
     losses, duplicates, final = load_record(record)

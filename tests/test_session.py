@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,12 +20,14 @@ from preemptible import REQUEUE_EXIT_CODE, Preempted, RequeueLimitReached
 from preemptible.cli import main as cli_main
 from preemptible.core import votes
 from preemptible.core.agreement import StopAgreement
+from preemptible.core.cause import write_stop_request
 from preemptible.core.checkpointing import DictSnapshot, rank_state_in
 from preemptible.core.config import SessionConfig
 from preemptible.core.deadline import JobDeadline
 from preemptible.core.environment import JobEnvironment
+from preemptible.core.exit import CANCELLED_EXIT_CODE, Cancelled
 from preemptible.core.policy import PendingStop, Stopped, StopPolicy, Wait
-from preemptible.core.schema import RECORD_FILE, STATE_KEY, Event, RunStatus, read_events
+from preemptible.core.schema import RECORD_FILE, STATE_KEY, Event, RunStatus, StopCauseName, read_events
 from preemptible.core.session import PreemptionSession
 from preemptible.core.signals import SignalNote
 from preemptible.core.store import CheckpointError
@@ -165,9 +168,28 @@ def test_signal_stops_at_that_step_checkpoints_and_resumes_there(tmp_path: Path)
     assert ckpt["step"] == 4 and torch.equal(ckpt["weights"], torch.full((4,), 4.0))
     assert rank_state_in(ckpt, 0) is not None and "rng" in rank_state_in(ckpt, 0)
     assert events(run_dir) == [Event.START, Event.TRAIN_START, Event.SIGNAL, Event.STOP_AGREED, Event.CHECKPOINT,
-                               Event.REQUEUE, Event.EXIT]
+                               Event.STOP_CAUSE, Event.REQUEUE, Event.EXIT]
     record = (run_dir / RECORD_FILE).read_text()
     assert f'"status": "{RunStatus.PREEMPTED}"' in record and '"requeues": 1' in record
+    assert f'"last_stop_cause": "{StopCauseName.REQUESTED}"' in record
+
+
+def test_a_cancelled_stop_checkpoints_and_ends_without_a_requeue(tmp_path: Path) -> None:
+    """The stop request ``preemptible run`` leaves on Ctrl-C: the same checkpoint, then Cancelled (143), no requeue."""
+    run_dir, note = tmp_path / "run", tmp_path / "stop-request.json"
+    write_stop_request(note, "SIGINT")
+    session = PreemptionSession(SessionConfig(run_dir=run_dir, requeue="local", deadline=False),
+                                env=replace(ENV, stop_request=str(note)))
+    with pytest.raises(Cancelled) as stopped:
+        FakeLoop(session).run(signal_at=4)
+    assert stopped.value.code == CANCELLED_EXIT_CODE and isinstance(stopped.value, Preempted)
+    assert stopped.value.step == 4 and torch.load(stopped.value.checkpoint, weights_only=True)["step"] == 4
+    assert events(run_dir) == [Event.START, Event.TRAIN_START, Event.SIGNAL, Event.STOP_AGREED, Event.CHECKPOINT,
+                               Event.STOP_CAUSE, Event.EXIT]
+    record = (run_dir / RECORD_FILE).read_text()
+    assert f'"status": "{RunStatus.CANCELLED}"' in record and '"requeues"' not in record
+    info = summarize(run_dir)
+    assert info.state == "cancelled" and info.preemptions == 0 and info.attempts[0].outcome == "cancelled"
 
     loop = FakeLoop(make_session(run_dir))
     loop.run()
@@ -212,7 +234,7 @@ def test_stop_where_validation_is_due_waits_for_its_end(tmp_path: Path) -> None:
     assert asked == [1] and not session.stopping
     session.validation_ended(1, 0, loop.snapshot)
     assert session.pending.stop is not None and session.pending.stop.step == 1
-    assert [e["event"] for e in read_events(tmp_path / "run")][-1] == Event.CHECKPOINT
+    assert [e["event"] for e in read_events(tmp_path / "run")][-2:] == [Event.CHECKPOINT, Event.STOP_CAUSE]
     session.end()
 
 

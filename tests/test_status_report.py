@@ -64,7 +64,7 @@ def test_status_table_shows_state_checkpoints_and_attempts(preempted_run: dict[s
     assert "finished — finished at step 20" in out
     assert re.search(rf"last committed step\s*│\s*({stop}|{STEPS})\s", out), out
     assert f"step-{stop:09d}.ckpt" in out and "yes" in out
-    assert "preempted (SIGUSR1)" in out and "finished" in out
+    assert "preempted (requested, SIGUSR1)" in out and "finished" in out
     assert "goodput" in out
 
 
@@ -109,7 +109,7 @@ def test_report_prints_goodput_and_writes_a_png(preempted_run: dict[str, Any], t
     png = tmp_path / "out" / "timeline.png"
     assert main(["report", str(preempted_run["run_dir"]), "-o", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "goodput" in out and "waiting in the queue" in out and "preempted (SIGUSR1)" in out
+    assert "goodput" in out and "waiting in the queue" in out and "preempted (requested, SIGUSR1)" in out
     data = png.read_bytes()
     assert data[:8] == PNG_SIGNATURE and len(data) > 10_000
     width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk

@@ -89,7 +89,8 @@ def interruptions_table(info: RunInfo) -> Any:
                 "queue", "restart", "time lost"):
         table.add_column(col, justify="left" if col in ("cause",) else "right")
     for i in info.interruptions:
-        cause = i.cause + (f" ({i.reason})" if i.reason else "")
+        why = ", ".join(w for w in (i.stop_cause, i.reason) if w)
+        cause = i.cause + (f" ({why})" if why else "")
         table.add_row(str(i.attempt), cause, _fmt(i.stop_step), _fmt(i.checkpoint_step), _fmt(i.resumed_from_step),
                       str(i.steps_lost), format_duration(i.redone_seconds), format_duration(i.stopping_seconds),
                       format_duration(i.queue_seconds), format_duration(i.restart_seconds),

@@ -21,6 +21,8 @@ examples:
   preemptible run --run-dir runs/exp1 --preempt-at-step 10 --preempt-at-step 25 -- python train.py
 
 The command is relaunched while it exits with {REQUEUE_EXIT_CODE} (preemptible.REQUEUE_EXIT_CODE).
+Ctrl-C (or SIGTERM to this command) asks the run to checkpoint and stop: no relaunch after it
+(Ctrl-C twice kills it without a checkpoint). Running the same command again resumes.
 """
 
 
@@ -69,6 +71,8 @@ def run_command(args: argparse.Namespace) -> int:
                                      on_event=lambda line: console.print(f"[bold cyan]preemptible run[/]: {line}"))
         summary = supervisor.run()
     console.print(summary_table(summary))
+    if summary.stopped_by is not None:
+        console.print(f"preemptible run: stopped by {summary.stopped_by}; run the same command again to resume")
     code = summary.exit_code
     return 1 if code is None else (code if code >= 0 else 128 - code)
 
@@ -77,7 +81,8 @@ def summary_table(summary: RunSummary) -> Any:
     from rich.table import Table
 
     table = Table(title="preemptible run: summary", title_justify="left")
-    for col in ("attempt", "exit", "signal", "sent at step", "stopped at step", "resumed from", "signal→commit s", "restart s"):
+    for col in ("attempt", "exit", "signal", "sent at step", "stopped at step", "resumed from", "signal→commit s",
+                "restart s", "cause"):
         table.add_column(col, justify="right")
     for i, a in enumerate(summary.attempts):
         nxt = summary.attempts[i + 1] if i + 1 < len(summary.attempts) else None
@@ -85,7 +90,7 @@ def summary_table(summary: RunSummary) -> Any:
             str(a.index), _fmt(a.exit_code) + (" (killed: timeout)" if a.timed_out else ""),
             a.signal_name or "-", _fmt(a.signal_step), _fmt(a.stop_step),
             _fmt(nxt.resumed_from_step) if nxt else "-",
-            _fmt(a.signal_to_commit, "{:.3f}"), _fmt(summary.restart_seconds(i), "{:.1f}"),
+            _fmt(a.signal_to_commit, "{:.3f}"), _fmt(summary.restart_seconds(i), "{:.1f}"), _fmt(a.stop_cause),
         )
     return table
 

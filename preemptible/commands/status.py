@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from preemptible.core.exit import REQUEUE_EXIT_CODE
+from preemptible.core.exit import CANCELLED_EXIT_CODE, REQUEUE_EXIT_CODE
 from preemptible.tools.runinfo import DEFAULT_STALE_AFTER, RunInfo, format_duration, summarize
 
 EXAMPLES = f"""
@@ -56,7 +56,7 @@ def status_command(args: argparse.Namespace) -> int:
     return 0
 
 
-_STATE_STYLE = {"running": "bold cyan", "preempted": "bold yellow", "finished": "bold green",
+_STATE_STYLE = {"running": "bold cyan", "preempted": "bold yellow", "cancelled": "bold yellow", "finished": "bold green",
                 "failed": "bold red", "unknown": "bold magenta"}
 
 
@@ -117,8 +117,8 @@ def attempts_table(info: RunInfo) -> Any:
                 "steps lost"):
         table.add_column(col, justify="left" if col in ("job/restart", "host (pid)", "started", "outcome") else "right")
     for a in info.attempts:
-        why = a.stop_reason or a.signal
-        unusual_exit = a.exit_code not in (None, REQUEUE_EXIT_CODE, 0)
+        why = ", ".join(w for w in (a.stop_cause, a.stop_reason or a.signal) if w)
+        unusual_exit = a.exit_code not in (None, REQUEUE_EXIT_CODE, CANCELLED_EXIT_CODE, 0)
         outcome = a.outcome + (f" ({why})" if why else "") + (f", exit {a.exit_code}" if unusual_exit else "")
         table.add_row(str(a.index), f"{a.job_id or 'local'}/{a.restart_count}", f"{a.host} ({_fmt(a.pid)})",
                       time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(a.started_at)),

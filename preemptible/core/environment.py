@@ -18,6 +18,9 @@ variable                                  field
 ``PREEMPTIBLE_SIGNAL_LEAD``               :attr:`~JobEnvironment.signal_lead` (set by the sbatch templates)
 ``PREEMPTIBLE_PROGRESS_INTERVAL``         :attr:`~JobEnvironment.progress_interval` (seconds, default 1)
 ``PREEMPTIBLE_PROGRESS_EVENT_SECONDS``    :attr:`~JobEnvironment.progress_event_seconds` (default 30)
+``PREEMPTIBLE_STOP_REQUEST``              :attr:`~JobEnvironment.stop_request` (set by ``preemptible run``)
+``TORCHELASTIC_RUN_ID``                   :attr:`~JobEnvironment.torchelastic_run_id` (set by torchrun for its workers)
+``TORCHELASTIC_SIGNALS_TO_HANDLE``        :attr:`~JobEnvironment.torchelastic_signals` (torchrun's ``--signals-to-handle``)
 ========================================  ====================================================
 """
 
@@ -47,6 +50,10 @@ class JobEnvironment:
     signal_lead: float | None = None
     progress_interval: float = 1.0
     progress_event_seconds: float = 30.0
+    #: where ``preemptible run`` notes that it was asked to stop (Ctrl-C/SIGTERM) before it signals the run
+    stop_request: str | None = None
+    torchelastic_run_id: str | None = None
+    torchelastic_signals: str | None = None  # as torchrun exported it ("SIGTERM,SIGINT,..."); None: not exported
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "JobEnvironment":
@@ -67,12 +74,20 @@ class JobEnvironment:
             signal_lead=_float(env.get("PREEMPTIBLE_SIGNAL_LEAD"), None),
             progress_interval=_float(env.get("PREEMPTIBLE_PROGRESS_INTERVAL"), 1.0) or 0.0,
             progress_event_seconds=_float(env.get("PREEMPTIBLE_PROGRESS_EVENT_SECONDS"), 30.0) or 0.0,
+            stop_request=env.get("PREEMPTIBLE_STOP_REQUEST") or None,
+            torchelastic_run_id=env.get("TORCHELASTIC_RUN_ID") or None,
+            torchelastic_signals=env.get("TORCHELASTIC_SIGNALS_TO_HANDLE"),
         )
 
     @property
     def is_global_zero(self) -> bool:
         """Global rank 0 (local rank 0 of node 0): the process that writes run-wide records."""
         return self.global_rank == 0 and self.local_rank == 0
+
+    @property
+    def under_elastic_agent(self) -> bool:
+        """Started by torchrun (``torch.distributed.run``): its elastic agent stands between the scheduler and this rank."""
+        return self.torchelastic_run_id is not None
 
     @property
     def under_slurm(self) -> bool:

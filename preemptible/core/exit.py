@@ -56,3 +56,26 @@ class RequeueLimitReached(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+#: Exit code of a process that took its checkpoint and was *cancelled* (``scancel``, submitit's ``job.cancel()``,
+#: Ctrl-C/SIGTERM to ``preemptible run``): 128 + SIGTERM, the code of a process terminated on request. It is
+#: not :data:`REQUEUE_EXIT_CODE`, so no supervisor relaunches it; SLURM shows the job CANCELLED whatever the code.
+CANCELLED_EXIT_CODE: int = 143
+
+
+class Cancelled(Preempted):
+    """Raised instead of :class:`Preempted` when the stop was a cancellation: checkpoint kept, no requeue.
+
+    A subclass of :class:`Preempted`, so code that catches ``Preempted`` to skip the "training done" path
+    keeps doing so; its code is :data:`CANCELLED_EXIT_CODE`. Resubmitting the same command resumes from
+    the checkpoint.
+    """
+
+    def __init__(self, step: int | None = None, checkpoint: str | None = None, reason: str = "cancelled") -> None:
+        super().__init__(step=step, checkpoint=checkpoint, reason=reason, code=CANCELLED_EXIT_CODE)
+
+    def __str__(self) -> str:
+        where = f"at global step {self.step}" if self.step is not None else "before the first step"
+        saved = f", checkpoint {self.checkpoint} kept" if self.checkpoint else ", nothing to save"
+        return f"cancelled ({self.reason}) {where}{saved}; not requeued; exit code {self.code}"

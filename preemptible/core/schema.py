@@ -32,6 +32,7 @@ class Event:
     DEADLINE = "deadline"  #: rank 0, the job's end is too close for another save
     STOP_AGREED = "stop_agreed"  #: rank 0, all ranks agreed to stop at this step
     STOP_CANCELLED = "stop_cancelled"  #: rank 0, training ended right after the emergency checkpoint
+    STOP_CAUSE = "stop_cause"  #: rank 0, why the run stopped and whether it comes back (asked once, at the stop)
     CHECKPOINT = "checkpoint"  #: rank 0, a checkpoint was committed
     CHECKPOINT_SKIPPED = "checkpoint_skipped"  #: rank 0, an agreed periodic save was skipped
     CHECKPOINT_FAILED = "checkpoint_failed"  #: rank 0, a background checkpoint write failed
@@ -53,6 +54,7 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     Event.DEADLINE: ("step", "seconds_left", "needed"),
     Event.STOP_AGREED: ("step", "reason"),
     Event.STOP_CANCELLED: ("step", "reason"),
+    Event.STOP_CAUSE: ("step", "cause", "action", "detail"),
     Event.CHECKPOINT: ("path", "step", "bytes", "seconds", "reason", "background", "signal_to_commit_seconds",
                        "copy_seconds"),
     Event.CHECKPOINT_SKIPPED: ("step", "reason"),
@@ -73,6 +75,17 @@ class RequeueOutcomeName:
     NONE = "none"
     FAILED = "failed"
     LIMIT_REACHED = "limit_reached"
+
+
+class StopCauseName:
+    """Values of the ``cause`` field of :attr:`Event.STOP_CAUSE` (see :mod:`preemptible.core.cause`)."""
+
+    CANCELLED = "cancelled"  #: ``scancel``, submitit's ``job.cancel()``, Ctrl-C/SIGTERM to ``preemptible run``: ends the run
+    PREEMPTED = "preempted"  #: a higher-priority job needs the resources: requeue
+    TIME_LIMIT = "time_limit"  #: the job's time limit (``--signal`` warning, or the limit itself): requeue
+    REQUEUED_BY_OPERATOR = "requeued_by_operator"  #: ``scontrol requeue``: SLURM brings the job back itself
+    REQUESTED = "requested"  #: a stop signal nobody explained (``scancel --signal=USR1``, a local signal): requeue
+    UNKNOWN = "unknown"  #: the scheduler did not answer: requeue, the safe side
 
 
 def check_event(event: str, fields: dict[str, Any]) -> None:
@@ -124,6 +137,7 @@ class RunRecordKey:
     WORLD_SIZE = "world_size"
     LAST_PREEMPTED_STEP = "last_preempted_step"
     FINISHED_STEP = "finished_step"
+    LAST_STOP_CAUSE = "last_stop_cause"  #: the :class:`StopCauseName` of the latest stop
     LOGGERS = "loggers"  #: ``"<index>:<LoggerClass>"`` → version (TensorBoard/CSV) or run id (W&B)
 
 
@@ -135,6 +149,7 @@ class RunStatus:
     FINISHED = "finished"
     REQUEUE_LIMIT = "requeue_limit"
     REQUEUE_FAILED = "requeue_failed"
+    CANCELLED = "cancelled"  #: stopped on purpose (``scancel``, Ctrl-C): checkpoint kept, not requeued
 
 
 # ------------------------------------------------------------------------------------------------

@@ -22,12 +22,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from preemptible.core import cause as stop_cause
 from preemptible.core import votes
 from preemptible.core.agreement import StopAgreement, make_agreement
 from preemptible.core.checkpointing import BackgroundWriter, Snapshot, save_checkpoint
 from preemptible.core.config import SessionConfig
+from preemptible.core.elastic import warn_if_agent_drops_signals
 from preemptible.core.environment import JobEnvironment
-from preemptible.core.exit import Preempted, RequeueLimitReached
+from preemptible.core.exit import Cancelled, Preempted, RequeueLimitReached
 from preemptible.core.lock import RunLock, RunLockedError
 from preemptible.core.policy import (
     PendingStop,
@@ -38,7 +40,7 @@ from preemptible.core.policy import (
     last_save_seconds,
     warn_if_lead_too_short,
 )
-from preemptible.core.requeue import RequeueError, select_backend
+from preemptible.core.requeue import RequeueError, RequeueOutcome, select_backend
 from preemptible.core.rundir import ProgressFile, RunDirectory, resolve_run_dir
 from preemptible.core.schema import (
     REASON_FINISHED,
@@ -91,6 +93,8 @@ class PreemptionSession:
         self._start_step = self._last_step = -1
         self._last_progress_event = time.monotonic()
         self._signal_logged = False
+        #: why the agreed stop happened and whether the run comes back (decided once, at the stop)
+        self.verdict: Optional[stop_cause.StopVerdict] = None
         self.active = False
         self.signals.install()
 
@@ -139,6 +143,7 @@ class PreemptionSession:
         if self.is_global_zero:
             run.store.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             warn_if_lead_too_short(self.env.signal_lead, self.policy.save_seconds)
+            warn_if_agent_drops_signals(self.env, self.signals.signals)
             run.journal.append(Event.RESUME if checkpoint else Event.START, checkpoint=str(checkpoint) if checkpoint else None,
                                world_size=self.world_size, attempt=self.env.restart_count, backend=self.backend.name)
             run.update_record(**{RunRecordKey.WORLD_SIZE: self.world_size, RunRecordKey.STATUS: RunStatus.RUNNING,
@@ -167,6 +172,7 @@ class PreemptionSession:
                                      over_limit=over_limit))
         if self.is_global_zero:
             self.run.journal.append(Event.STOP_AGREED, step=step, reason=votes.reason(decided))
+        self._decide_cause(step, votes.reason(decided))
         return True
 
     # -- during training -----------------------------------------------------------------------------
@@ -220,7 +226,8 @@ class PreemptionSession:
             self.leave(before_exit)
 
     def leave(self, before_exit: Callable[[], None] = lambda: None) -> None:
-        """Ask for the requeue (rank 0) and leave on every rank: raises :class:`Preempted` (or a limit/requeue error).
+        """Ask for the requeue (rank 0) and leave on every rank: raises :class:`Preempted` (or a limit/requeue error),
+        or :class:`~preemptible.core.exit.Cancelled` without a requeue when the stop's cause was a cancellation.
 
         ``before_exit`` runs right before the exception (the Lightning adapter lets the rank
         processes it launched exit first).
@@ -228,6 +235,9 @@ class PreemptionSession:
         stop, run = self.pending.stop, self.run
         assert stop is not None, "leave() without a stop"
         step, path = stop.step, str(stop.checkpoint) if stop.checkpoint else None
+        verdict = self.verdict
+        if verdict is not None and not verdict.requeue:
+            self._leave_cancelled(step, path, verdict, before_exit)
         if stop.over_limit:
             # Every rank exits 1, so that no supervisor (srun takes the highest exit code) sees a requeue request.
             message = (f"preemptible: requeue limit reached ({self.config.max_requeues} requeues used). Not requeueing; "
@@ -242,7 +252,7 @@ class PreemptionSession:
             raise RequeueLimitReached(message)
         if self.is_global_zero:
             try:
-                outcome = self.backend.request(self.env)
+                outcome = self._request_requeue(verdict)
             except RequeueError as exc:
                 run.journal.append(Event.REQUEUE, backend=self.backend.name, outcome=RequeueOutcomeName.FAILED,
                                    error=str(exc), step=step)
@@ -261,6 +271,41 @@ class PreemptionSession:
         print(f"preemptible: rank {self.rank} {preempted}", flush=True)
         before_exit()
         raise preempted
+
+    def _request_requeue(self, verdict: Optional[stop_cause.StopVerdict]) -> RequeueOutcome:
+        if verdict is not None and verdict.action == stop_cause.Action.ALREADY_REQUEUED and self.backend.name != "none":
+            # `scontrol requeue` by an operator, or the end of a preemption's grace time: a second request would fail.
+            return RequeueOutcome(self.backend.name, True, f"SLURM already requeued the job ({verdict.cause})")
+        return self.backend.request(self.env)
+
+    def _leave_cancelled(self, step: Optional[int], path: Optional[str], verdict: stop_cause.StopVerdict,
+                         before_exit: Callable[[], None]) -> None:
+        """Every rank: the stop was a cancellation; no requeue (the checkpoint stays for a deliberate resubmission)."""
+        cancelled = Cancelled(step=step, checkpoint=path, reason=verdict.cause)
+        if self.is_global_zero:
+            self.run.update_record(**{RunRecordKey.STATUS: RunStatus.CANCELLED})
+        self.run.journal.append(Event.EXIT, code=cancelled.code, reason=verdict.cause, step=step)
+        print(f"preemptible: rank {self.rank} {cancelled}" + (" (resubmit the same command to resume)" if path else ""),
+              flush=True)
+        before_exit()
+        raise cancelled
+
+    def _decide_cause(self, step: int, reason: str) -> None:
+        """Every rank, at the agreed stop: global rank 0 asks the scheduler why, every rank gets its answer.
+
+        Asked here, never in the signal handler, and once per stop: the controller's state is final
+        tens of milliseconds after the signal, and a controller that does not answer costs at most
+        :data:`~preemptible.core.cause.QUERY_TIMEOUT` seconds (then the run is requeued, the safe side).
+        """
+        answer = None
+        if self.is_global_zero:
+            note = self.signals.note
+            verdict = stop_cause.decide(self.env, reason, signal_at=note.first_at if note else None)
+            answer = verdict.to_json()
+            self.run.journal.append(Event.STOP_CAUSE, step=step, cause=verdict.cause, action=verdict.action,
+                                    detail=verdict.detail)
+            self.run.update_record(**{RunRecordKey.LAST_STOP_CAUSE: verdict.cause})
+        self.verdict = stop_cause.StopVerdict.from_json(self.agreement.broadcast(answer))
 
     # -- the end ---------------------------------------------------------------------------------------
     def training_ended(self, step: int, epoch: int, snapshot: Snapshot) -> None:
@@ -369,6 +414,7 @@ class PreemptionSession:
             path = stored.path if stored else None
             if stored is not None and stored.record.save_seconds:
                 self.policy.save_seconds = stored.record.save_seconds
+        self._decide_cause(step, reason)
         self.pending.stopped(Stopped(step=step, reason=reason, checkpoint=path, over_limit=over_limit))
 
     def _save(self, snapshot: Snapshot, step: int, epoch: int, reason: str, signal_at: Optional[float] = None,

@@ -21,6 +21,10 @@ relaunches, locally). submitit's own handler is back in place outside ``fit`` (d
 code after training); a signal there goes through :meth:`PreemptibleTask.checkpoint`, which
 resubmits the same task — it resumes from the run directory's newest checkpoint.
 
+Cancelling: ``job.cancel()`` is ``scancel``; the ranks checkpoint, the session sees the job
+cancelled (:mod:`preemptible.core.cause`) and ends it without a requeue (exit 143, the job ends CANCELLED).
+submitit's own timeout (``--signal=USR2@90`` before ``timeout_min``) and a preemption requeue as usual.
+
 Timeouts: submitit tells a timeout from a preemption by elapsed time only and spends its
 ``max_num_timeout`` budget on each one it handles. Signals handled by preemptible during ``fit``
 never reach submitit's handler, so they are not spent from that budget; preemptible's own

@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from preemptible.core.exit import REQUEUE_EXIT_CODE
+from preemptible.core.exit import CANCELLED_EXIT_CODE, REQUEUE_EXIT_CODE
 from preemptible.core.rundir import RunDirectory, read_progress
 from preemptible.core.schema import (
     ATTEMPT_OPENERS,
@@ -55,6 +55,7 @@ from preemptible.core.schema import (
     RequeueOutcomeName,
     RunRecordKey,
     RunStatus,
+    StopCauseName,
     read_events,
 )
 from preemptible.core.store import InvalidCheckpoint, StoredCheckpoint
@@ -97,7 +98,8 @@ class AttemptInfo:
     world_size: Optional[int]
     started_at: float
     ended_at: float
-    #: finished | preempted | requeue_limit | requeue_failed | failed (other exit code) | crashed | running | unknown
+    #: finished | preempted | cancelled | requeue_limit | requeue_failed | failed (other exit code) | crashed | running
+    #: | unknown
     outcome: str
     train_started_at: Optional[float] = None
     train_ended_at: Optional[float] = None
@@ -107,6 +109,10 @@ class AttemptInfo:
     #: why the ranks agreed to stop: the signal's name, ``"deadline"``, ...
     stop_reason: Optional[str] = None
     checkpoint_step: Optional[int] = None
+    #: why the scheduler stopped it (a :class:`~preemptible.core.schema.StopCauseName`: cancelled, preempted,
+    #: time_limit, requeued_by_operator, requested, unknown), as asked at the stop; ``None`` before that was journaled
+    stop_cause: Optional[str] = None
+    stop_cause_detail: Optional[str] = None
     exit_code: Optional[int] = None
     signal: Optional[str] = None
     signal_at: Optional[float] = None
@@ -127,7 +133,7 @@ class Interruption:
     """An attempt that ended without finishing, and what it cost."""
 
     attempt: int
-    #: the attempt's outcome: preempted, requeue_limit, requeue_failed, failed or crashed
+    #: the attempt's outcome: preempted, cancelled, requeue_limit, requeue_failed, failed or crashed
     cause: str
     #: why it stopped: the signal's name, ``"deadline"``, ... (``None`` for a crash)
     reason: Optional[str]
@@ -142,6 +148,8 @@ class Interruption:
     queue_seconds: Optional[float]
     restart_seconds: Optional[float]
     time_lost_seconds: float
+    #: the scheduler's cause of the stop (:attr:`AttemptInfo.stop_cause`)
+    stop_cause: Optional[str] = None
 
 
 @dataclass
@@ -259,7 +267,8 @@ def summarize(
         quarantined=sum(1 for p in quarantine.iterdir() if f"{COMMIT_SUFFIX}." not in p.name) if quarantine.is_dir() else 0,
         attempts=attempts,
         interruptions=interruptions,
-        preemptions=sum(1 for i in interruptions if i.reason is not None or i.stop_step is not None),
+        preemptions=sum(1 for i in interruptions if (i.reason is not None or i.stop_step is not None)
+                        and i.cause != "cancelled"),
         steps_lost=sum(a.steps_lost for a in attempts),
         time_lost_seconds=sum(i.time_lost_seconds for i in interruptions),
         goodput=_goodput(attempts),
@@ -332,6 +341,9 @@ def _attempt(index: int, events: list[dict[str, Any]], now: float, last: bool = 
     # Only saves that held training up count as save time (see the module docstring).
     saves = [e for e in committed if not e.get("background")]
     a.save_seconds = sum(float(e.get("seconds") or 0.0) for e in saves)
+    if kinds.get(Event.STOP_CAUSE):
+        verdict = kinds[Event.STOP_CAUSE][-1]
+        a.stop_cause, a.stop_cause_detail = verdict.get("cause"), verdict.get("detail")
     if kinds.get(Event.REQUEUE):
         req = kinds[Event.REQUEUE][-1]
         a.requeue, a.requeue_detail = req.get("outcome"), req.get("detail") or req.get("error")
@@ -342,6 +354,8 @@ def _attempt(index: int, events: list[dict[str, Any]], now: float, last: bool = 
 
     if Event.FINISH in kinds:
         a.outcome = "finished"
+    elif a.stop_cause == StopCauseName.CANCELLED and a.exit_code == CANCELLED_EXIT_CODE:
+        a.outcome = "cancelled"
     elif a.requeue in (RequeueOutcomeName.LIMIT_REACHED, RequeueOutcomeName.FAILED):
         a.outcome = "requeue_limit" if a.requeue == RequeueOutcomeName.LIMIT_REACHED else "requeue_failed"
     elif a.exit_code is not None:
@@ -445,7 +459,7 @@ def _interruptions(attempts: list[AttemptInfo]) -> list[Interruption]:
             checkpoint_step=a.checkpoint_step, resumed_from_step=nxt.resumed_from_step if nxt else None,
             steps_lost=a.steps_lost, redone_seconds=a.redone_seconds,
             stopping_seconds=stopping, queue_seconds=queue, restart_seconds=restart,
-            time_lost_seconds=a.redone_seconds + stopping + (queue or 0.0) + (restart or 0.0)))
+            time_lost_seconds=a.redone_seconds + stopping + (queue or 0.0) + (restart or 0.0), stop_cause=a.stop_cause))
     return out
 
 
@@ -471,7 +485,8 @@ def _state(attempts: list[AttemptInfo], record: dict[str, Any], last_committed: 
               else "no valid checkpoint: a restart starts from scratch")
     if not attempts:
         status = str(record.get(RunRecordKey.STATUS, ""))
-        state = {RunStatus.FINISHED: "finished", RunStatus.PREEMPTED: "preempted", RunStatus.REQUEUE_LIMIT: "failed",
+        state = {RunStatus.FINISHED: "finished", RunStatus.PREEMPTED: "preempted", RunStatus.CANCELLED: "cancelled",
+                 RunStatus.REQUEUE_LIMIT: "failed",
                  RunStatus.REQUEUE_FAILED: "failed"}.get(status, "unknown")
         return state, f"no journal (events.jsonl); run.json says {status or 'nothing'}"
     a = attempts[-1]
@@ -488,6 +503,9 @@ def _state(attempts: list[AttemptInfo], record: dict[str, Any], last_committed: 
             return "preempted", f"stopped at step {a.stop_step} ({why}) {waiting}, requeue requested; {resume}"
         return "preempted", (f"stopped at step {a.stop_step} ({why}) {waiting}, but nothing requeued it "
                              f"({a.requeue_detail or a.requeue}): start the same command again; {resume}")
+    if a.outcome == "cancelled":
+        return "cancelled", (f"cancelled at step {a.stop_step} ({a.stop_cause_detail or a.signal}), not requeued; "
+                             f"run the same command (or resubmit the job) to continue: {resume}")
     if a.outcome == "requeue_limit":
         return "failed", f"requeue limit reached at step {a.stop_step}: resubmit by hand or raise max_requeues; {resume}"
     if a.outcome == "requeue_failed":

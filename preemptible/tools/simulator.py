@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import IO, Any, Callable, Optional, Sequence
 
 import psutil
 
+from preemptible.core.cause import write_stop_request
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.exit import REQUEUE_EXIT_CODE
 from preemptible.core.rundir import RunDirError, read_progress, resolve_run_dir
@@ -62,11 +65,15 @@ class Attempt:
     resumed_from_step: Optional[int] = None
     first_step_at: Optional[float] = None
     timed_out: bool = False
+    #: the stop's cause as the run journaled it (``cancelled``, ``requested``, ...; see ``core.cause``)
+    stop_cause: Optional[str] = None
 
 
 @dataclass
 class RunSummary:
     attempts: list[Attempt] = field(default_factory=list)
+    #: the signal (name) that asked ``preemptible run`` itself to stop (Ctrl-C: SIGINT), if any: no relaunch after it
+    stopped_by: Optional[str] = None
 
     @property
     def exit_code(self) -> Optional[int]:
@@ -125,21 +132,28 @@ class LocalSupervisor:
         self.on_event = on_event or (lambda line: None)
         self.on_tick = on_tick
         self.stdout = stdout
+        self.stop = StopRequest()
 
     def run(self) -> RunSummary:
         summary = RunSummary()
         index = 0
-        while True:
-            preemption = self.plan[index] if index < len(self.plan) else None
-            attempt = self._run_attempt(index, preemption)
-            summary.attempts.append(attempt)
-            if attempt.exit_code != REQUEUE_EXIT_CODE:
-                break
-            if index >= self.max_restarts:
-                self.on_event(f"requeue asked, but --max-restarts {self.max_restarts} is reached; stopping")
-                break
-            index += 1
-            self.on_event(f"attempt {index - 1} exited with {REQUEUE_EXIT_CODE} (requeue): relaunching")
+        with self.stop.listening():
+            while True:
+                preemption = self.plan[index] if index < len(self.plan) else None
+                attempt = self._run_attempt(index, preemption)
+                summary.attempts.append(attempt)
+                if self.stop.signal_name is not None:
+                    summary.stopped_by = self.stop.signal_name
+                    self.on_event(f"stopped by {self.stop.signal_name}: not relaunching (the checkpoint is kept; "
+                                  "run the same command again to resume)")
+                    break
+                if attempt.exit_code != REQUEUE_EXIT_CODE:
+                    break
+                if index >= self.max_restarts:
+                    self.on_event(f"requeue asked, but --max-restarts {self.max_restarts} is reached; stopping")
+                    break
+                index += 1
+                self.on_event(f"attempt {index - 1} exited with {REQUEUE_EXIT_CODE} (requeue): relaunching")
         self._fill_from_journal(summary)
         return summary
 
@@ -152,6 +166,8 @@ class LocalSupervisor:
             env["PREEMPTIBLE_RUN_DIR"] = str(self.run_dir)
         if follow_steps:
             env["PREEMPTIBLE_PROGRESS_INTERVAL"] = "0"
+        if self.stop.path is not None:
+            env["PREEMPTIBLE_STOP_REQUEST"] = str(self.stop.path)
         return env
 
     def _run_attempt(self, index: int, preemption: Optional[Preemption]) -> Attempt:
@@ -168,6 +184,7 @@ class LocalSupervisor:
         last_tick = 0.0
         try:
             while proc.poll() is None:
+                self.stop.pass_on(proc.pid, self.on_event)
                 if time.monotonic() > deadline:
                     attempt.timed_out = True
                     self.on_event(f"attempt {index}: no exit after {self.timeout:.0f} s, killing the process tree")
@@ -230,8 +247,73 @@ class LocalSupervisor:
                 elif kind == Event.CHECKPOINT:
                     a.checkpoint, a.save_seconds = e.get("path"), e.get("seconds")
                     a.signal_to_commit = e.get("signal_to_commit_seconds")
+                elif kind == Event.STOP_CAUSE:
+                    a.stop_cause = e.get("cause")
                 elif kind == Event.TRAIN_START and a.first_step_at is None:
                     a.resumed_from_step, a.first_step_at = e.get("step"), e.get("time")
+
+
+class StopRequest:
+    """Ctrl-C (SIGINT) or SIGTERM to ``preemptible run`` itself: stop the run after its checkpoint, no relaunch.
+
+    The command runs in its own session, so a terminal's Ctrl-C reaches only the supervisor. It notes
+    the request in a file the run reads at its stop (``PREEMPTIBLE_STOP_REQUEST``: the run's stop cause
+    is then "cancelled" and it exits with :data:`~preemptible.core.exit.CANCELLED_EXIT_CODE`), then sends
+    SIGTERM to the command's processes so they checkpoint. A second Ctrl-C kills them at once.
+    """
+
+    def __init__(self) -> None:
+        self.path: Optional[Path] = None
+        self.signal_name: Optional[str] = None
+        self._count = 0
+        self._passed_on = 0
+
+    def listening(self) -> "_Listening":
+        return _Listening(self)
+
+    def note(self, signum: int, frame: Any) -> None:  # the handler: records only
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+        self._count += 1
+
+    def pass_on(self, root_pid: int, on_event: Callable[[str], None]) -> None:
+        """In the supervisor's loop: a new request becomes a note for the run and a signal to its processes."""
+        if self._count == self._passed_on:
+            return
+        first = self._passed_on == 0
+        self._passed_on = self._count
+        if first:
+            if self.path is not None:
+                write_stop_request(self.path, self.signal_name or "a signal")
+            on_event(f"got {self.signal_name}: asking the run to checkpoint and stop (SIGTERM); "
+                     "Ctrl-C again to kill it without a checkpoint")
+            _signal_tree(root_pid, signal.SIGTERM)
+        else:
+            on_event(f"got {self.signal_name} again: killing the process tree")
+            _signal_tree(root_pid, signal.SIGKILL)
+
+
+class _Listening:
+    """Installs :class:`StopRequest`'s handlers for SIGINT and SIGTERM (main thread only) and its file."""
+
+    def __init__(self, stop: StopRequest) -> None:
+        self.stop = stop
+        self._previous: dict[int, Any] = {}
+        self._tmp: Optional[tempfile.TemporaryDirectory[str]] = None
+
+    def __enter__(self) -> StopRequest:
+        self._tmp = tempfile.TemporaryDirectory(prefix="preemptible-run-")
+        self.stop.path = Path(self._tmp.name) / "stop-request.json"
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self.stop.note)
+        return self.stop
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        self.stop.path = None
 
 
 def _run_dir(run_dir: Optional[os.PathLike[str] | str]) -> Optional[Path]:

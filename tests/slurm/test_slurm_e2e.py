@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import pytest
 from helpers import assert_same_as_reference, example_command
 
-from preemptible.core.schema import Event, RequeueOutcomeName, TraceKind, read_events
+from preemptible.core.cause import Action
+from preemptible.core.schema import Event, RequeueOutcomeName, StopCauseName, TraceKind, read_events
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -143,6 +144,18 @@ def assert_resumed_where_it_stopped(job: Job, restarts: int = 1) -> int:
     return stops[0]
 
 
+def assert_stopped_for(job: Job, attempt: int, cause: str, action: str) -> int:
+    """Attempt ``attempt`` journaled the stop cause ``cause`` (and ``action``) once, after committing a checkpoint at
+    its stop step; returns that step."""
+    events = [e for e in job.events() if e["restart_count"] == attempt and e["rank"] == 0]
+    verdicts = [(e["cause"], e["action"]) for e in events if e["event"] == Event.STOP_CAUSE]
+    assert verdicts == [(cause, action)], f"attempt {attempt}: {verdicts} ({events}){job.log_tail()}"
+    stop = next(e["step"] for e in events if e["event"] == Event.STOP_AGREED)
+    committed = [e["step"] for e in events if e["event"] == Event.CHECKPOINT]
+    assert stop in committed, f"attempt {attempt} stopped at {stop} but committed {committed}{job.log_tail()}"
+    return int(stop)
+
+
 def assert_finished_like_reference(job: Job, reference: Callable[..., Path], restarts: int = 1) -> None:
     info = job.wait_state("COMPLETED")
     assert info["ExitCode"] == "0:0", info
@@ -188,6 +201,10 @@ def test_preempted_by_high_partition_job_then_operator_requeue_resumes(tmp_path:
     assert preempted == {(0, "SIGUSR1"), (1, "SIGUSR1")}, f"every rank should see SIGUSR1 at preemption: {preempted}"
     requeued = {e["signal"] for e in events if e["event"] == Event.SIGNAL and e["restart_count"] == 1}
     assert requeued == {"SIGTERM"}, requeued
+    # the stop causes: preempted (preemptible asks for the requeue), then the operator's requeue (SLURM's own)
+    assert_stopped_for(job, 0, StopCauseName.PREEMPTED, Action.REQUEUE)
+    assert_stopped_for(job, 1, StopCauseName.REQUEUED_BY_OPERATOR, Action.ALREADY_REQUEUED)
+    assert len(slurm_cluster.jobcomp_records(job.id)) == 3, slurm_cluster.jobcomp_records(job.id)
 
 
 @pytest.mark.timeout(2 * JOB_TIMEOUT)
@@ -211,6 +228,7 @@ def test_time_limit_warning_requeues_and_finishes(tmp_path: Path, slurm_cluster:
     first = [e for e in job.events() if e["event"] == Event.SIGNAL and e["restart_count"] == 0]
     assert first and all(e["signal"] == "SIGUSR1" for e in first), first
     assert "DUE TO TIME LIMIT" not in job.log_text(), job.log_tail()
+    assert_stopped_for(job, 0, StopCauseName.TIME_LIMIT, Action.REQUEUE)
 
 
 @pytest.mark.timeout(2 * JOB_TIMEOUT)
