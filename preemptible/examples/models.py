@@ -7,12 +7,20 @@ It has the ingredients that make exact resume hard: dropout, BatchNorm, random a
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+else:
+    # The model and data of the Lightning the process imported (``lightning.pytorch`` or ``pytorch_lightning``):
+    # a Trainer accepts only its own package's classes.
+    from preemptible.lightning.namespace import package_in_use
+
+    pl = package_in_use().load_module()
 
 
 class NoisyBlobs(Dataset):

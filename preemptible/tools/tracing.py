@@ -14,14 +14,22 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.schema import TraceKind, trace_entry
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+else:
+    # The callbacks of the Lightning the process imported (``lightning.pytorch`` or ``pytorch_lightning``):
+    # a Trainer accepts only its own package's classes.
+    from preemptible.lightning.namespace import package_in_use
+
+    pl = package_in_use().load_module()
 
 
 def state_digest(module: nn.Module) -> str:
