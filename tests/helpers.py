@@ -174,3 +174,19 @@ def _serve_references() -> None:
                         codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
             time.sleep(0.02)
         print(json.dumps({"codes": [codes[p] for p in pids]}), file=answers)
+
+
+def readme_blocks(heading: str) -> list[tuple[str, str]]:
+    """The fenced code blocks (language, text) of README.md's section ``heading`` (up to the next heading).
+
+    Tests run the README's examples from here, so the README cannot drift from what is tested.
+    """
+    import re
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = re.search(rf"^#+ {re.escape(heading)}\s*$", text, flags=re.M)
+    assert start, f"README.md has no section {heading!r}"
+    rest = text[start.end():]
+    end = re.search(r"^#+ ", rest, flags=re.M)
+    section = rest[: end.start()] if end else rest
+    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```", section, flags=re.M | re.S)]
