@@ -181,12 +181,22 @@ def readme_blocks(heading: str) -> list[tuple[str, str]]:
 
     Tests run the README's examples from here, so the README cannot drift from what is tested.
     """
-    import re
-
-    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    start = re.search(rf"^#+ {re.escape(heading)}\s*$", text, flags=re.M)
-    assert start, f"README.md has no section {heading!r}"
-    rest = text[start.end():]
-    end = re.search(r"^#+ ", rest, flags=re.M)
-    section = rest[: end.start()] if end else rest
-    return [(m.group(1), m.group(2)) for m in re.finditer(r"^```(\w*)\n(.*?)^```", section, flags=re.M | re.S)]
+    lines = (Path(__file__).resolve().parent.parent / "README.md").read_text().splitlines(keepends=True)
+    blocks: list[tuple[str, str]] = []
+    inside, fence, found = False, None, False
+    for line in lines:
+        if fence is not None:
+            if line.startswith("```"):
+                blocks.append(fence)
+                fence = None
+            else:
+                fence = (fence[0], fence[1] + line)
+        elif line.startswith("```"):
+            if inside:
+                fence = (line[3:].strip(), "")
+        elif line.startswith("#"):
+            if inside:
+                break
+            inside = found = line.lstrip("#").strip() == heading
+    assert found, f"README.md has no section {heading!r}"
+    return blocks

@@ -98,7 +98,7 @@ def test_lightningcli_preempted_relaunched_without_ckpt_path_resumes_bitwise(
     if namespace == "lightning":
         args, run_dir, signal = [*yaml_form, "--config", "reference.yaml"], tmp_path / "runs/cli-exp1", "TERM"
     else:
-        args, run_dir, signal = ["--config", "reference.yaml", *plus_form], tmp_path / "runs/cli-exp2", "USR1"
+        args, run_dir, signal = [plus_form[0], "--config", "reference.yaml", *plus_form[1:]], tmp_path / "runs/cli-exp2", "USR1"
     args += [f"--trainer.max_steps={STEPS}",
              "--trainer.callbacks+=preemptible.tools.tracing.StepRecorder", f"--trainer.callbacks.path={record}"]
     summary = run_preempted([PYTHON, "main.py", *args], run_dir=run_dir, at_step=4, signal=signal, timeout=180,

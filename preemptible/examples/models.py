@@ -7,20 +7,17 @@ It has the ingredients that make exact resume hard: dropout, BatchNorm, random a
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-if TYPE_CHECKING:
-    import pytorch_lightning as pl
-else:
-    # The model and data of the Lightning the process imported (``lightning.pytorch`` or ``pytorch_lightning``):
-    # a Trainer accepts only its own package's classes.
-    from preemptible.lightning.namespace import package_in_use
+from preemptible.lightning.namespace import package_in_use
 
-    pl = package_in_use().load_module()
+# The model and data of the Lightning the process imported (``lightning.pytorch`` or ``pytorch_lightning``): a Trainer
+# accepts only its own package's classes. No ``if TYPE_CHECKING`` import here: see preemptible.lightning.pltypes.
+pl: Any = package_in_use().load_module()
 
 
 class NoisyBlobs(Dataset):

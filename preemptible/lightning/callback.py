@@ -13,7 +13,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 from preemptible.core.config import SessionConfig
 from preemptible.core.environment import JobEnvironment
@@ -24,15 +24,13 @@ from preemptible.core.schema import STATE_KEY
 from preemptible.core.session import PreemptionSession
 from preemptible.core.signals import DEFAULT_SIGNAL_NAMES
 from preemptible.lightning import hooks
+from preemptible.lightning import pltypes as pl  # annotations only (see pltypes: jsonargparse reads this module)
 from preemptible.lightning.clisupport import keep_saved_cli_config
 from preemptible.lightning.compat import check_checkpoint_fits
 from preemptible.lightning.loaders import LoaderTracker
 from preemptible.lightning.loggers import export_wandb_run_id, keep_logger_versions
 from preemptible.lightning.resume import choose_checkpoint, newest_checkpoint
 from preemptible.lightning.saving import LightningSnapshot, packed_state, warn_if_short_of_space
-
-if TYPE_CHECKING:
-    import pytorch_lightning as pl
 
 log = logging.getLogger(__name__)
 
