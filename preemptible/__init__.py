@@ -4,9 +4,11 @@ The canonical use::
 
     from preemptible import PreemptionCallback
 
-    cb = PreemptionCallback(run_dir="runs/exp1")
-    trainer = pl.Trainer(max_epochs=3, callbacks=[cb])
-    trainer.fit(model, datamodule=dm, ckpt_path=cb.resume_path())
+    trainer = pl.Trainer(max_epochs=3, callbacks=[PreemptionCallback(run_dir="runs/exp1")])
+    trainer.fit(model, datamodule=dm)  # starts, or resumes the run where it was preempted
+
+``pl`` is ``lightning.pytorch`` or ``pytorch_lightning``: ``PreemptionCallback`` is a subclass of the
+``Callback`` of the one the process imported (see :mod:`preemptible.lightning.namespace`).
 """
 
 from __future__ import annotations
@@ -53,10 +55,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 def __getattr__(name: str) -> Any:
     # Lightning takes seconds to import: load it only when the callback is asked for, so the CLI's
     # `status`, `run` supervisor and the store stay fast.
+    # Looked up at every access, not cached: the class depends on which Lightning the process has imported.
     if name == "PreemptionCallback":
-        from preemptible.lightning.callback import PreemptionCallback
+        from preemptible.lightning.namespace import callback_class
 
-        return PreemptionCallback
+        return callback_class()
     if name == "PreemptionSession":  # the trainer-neutral core (imports torch, not Lightning)
         from preemptible.core.session import PreemptionSession
 

@@ -174,3 +174,29 @@ def _serve_references() -> None:
                         codes[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
             time.sleep(0.02)
         print(json.dumps({"codes": [codes[p] for p in pids]}), file=answers)
+
+
+def readme_blocks(heading: str) -> list[tuple[str, str]]:
+    """The fenced code blocks (language, text) of README.md's section ``heading`` (up to the next heading).
+
+    Tests run the README's examples from here, so the README cannot drift from what is tested.
+    """
+    lines = (Path(__file__).resolve().parent.parent / "README.md").read_text().splitlines(keepends=True)
+    blocks: list[tuple[str, str]] = []
+    inside, fence, found = False, None, False
+    for line in lines:
+        if fence is not None:
+            if line.startswith("```"):
+                blocks.append(fence)
+                fence = None
+            else:
+                fence = (fence[0], fence[1] + line)
+        elif line.startswith("```"):
+            if inside:
+                fence = (line[3:].strip(), "")
+        elif line.startswith("#"):
+            if inside:
+                break
+            inside = found = line.lstrip("#").strip() == heading
+    assert found, f"README.md has no section {heading!r}"
+    return blocks

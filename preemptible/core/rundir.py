@@ -57,6 +57,31 @@ class RunDirectory:
     def record_path(self) -> Path:
         return self.path / "run.json"
 
+    def check_usable(self) -> None:
+        """Raise :class:`RunDirError` naming the problem and the fix when this process cannot keep the run here.
+
+        Checked before anything is written: a path that is a file, a directory (or the nearest existing
+        parent of one still to be made) that this user cannot write, a read-only filesystem. Nothing is
+        created or changed by the check.
+        """
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise RunDirError(f"run_dir {path} is a file, not a directory. Pass the path of a directory (a new one "
+                              "for a new run); the file is left as it is.")
+        existing = path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise RunDirError(f"run_dir {path} cannot be created: {existing} is a file, not a directory. Choose a "
+                              "run_dir under a directory.")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            if _read_only_filesystem(existing):
+                problem = f"{existing} is on a read-only filesystem"
+            else:
+                problem = f"{existing} is not writable by this user (uid {os.getuid()})"
+            raise RunDirError(f"run_dir {path} cannot be used: {problem}. Point run_dir at a writable directory on a "
+                              "filesystem every restart of the job sees, or fix its permissions; nothing was changed.")
+
     def create(self) -> None:
         # 0700: whoever can write here can make the next restart load their pickle (see README's trust model).
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -115,3 +140,10 @@ def read_progress(run_dir: Path) -> dict[str, Any] | None:
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
         return None
+
+
+def _read_only_filesystem(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

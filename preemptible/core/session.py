@@ -102,8 +102,10 @@ class PreemptionSession:
     @property
     def run(self) -> RunDirectory:
         if self._run is None:
-            self._run = RunDirectory(resolve_run_dir(self.config.run_dir, self.env), keep=self.config.keep,
-                                     env=self.env, checksum=self.config.checksum)
+            run = RunDirectory(resolve_run_dir(self.config.run_dir, self.env), keep=self.config.keep,
+                               env=self.env, checksum=self.config.checksum)
+            run.check_usable()  # a file, unwritable, read-only: said now, with the fix, before anything is written
+            self._run = run
         return self._run
 
     @property

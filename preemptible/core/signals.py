@@ -20,6 +20,8 @@ Handler = Union[Callable[[int, Any], Any], int, None]
 
 #: SIGUSR1 from ``sbatch --signal``, SIGTERM from preemption/requeue/cancel, SIGUSR2 from submitit.
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2)
+#: The same, by name: what a configuration file (LightningCLI, Hydra) can write down.
+DEFAULT_SIGNAL_NAMES: tuple[str, ...] = tuple(s.name[3:] for s in DEFAULT_SIGNALS)
 
 
 def parse_signal(value: str | int | signal.Signals) -> signal.Signals:

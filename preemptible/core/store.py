@@ -64,12 +64,19 @@ class StoredCheckpoint:
         return self.path.with_name(self.path.name + COMMIT_SUFFIX)
 
 
+#: The trainer packages a commit record names when the writing process imported them (module → distribution).
+TRAINER_DISTRIBUTIONS = {"lightning": "lightning", "pytorch_lightning": "pytorch-lightning"}
+
+
 def library_versions() -> dict[str, str]:
+    """The versions in use in this process: Python, preemptible, torch, and each Lightning it imported."""
     import platform
+    import sys
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for dist in ("preemptible", "torch", "pytorch-lightning"):
+    in_use = [dist for module, dist in TRAINER_DISTRIBUTIONS.items() if module in sys.modules]
+    for dist in ("preemptible", "torch", *in_use):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:

@@ -9,10 +9,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+
+from preemptible.lightning.namespace import package_in_use
+
+# The model and data of the Lightning the process imported (``lightning.pytorch`` or ``pytorch_lightning``): a Trainer
+# accepts only its own package's classes. No ``if TYPE_CHECKING`` import here: see preemptible.lightning.pltypes.
+pl: Any = package_in_use().load_module()
 
 
 class NoisyBlobs(Dataset):

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="testing: at POINT ('sanity': the first sanity-check batch; 'vN': the first validation "
                         "batch at step N; '-': nowhere) wait until a preemption signal has been recorded, so an "
                         "outside signal lands there whatever the machine's speed; repeat for later attempts")
+    p.add_argument("--namespace", default="pytorch_lightning", choices=["pytorch_lightning", "lightning"],
+                   help="import pytorch_lightning or lightning (lightning.pytorch); the other is not imported")
+    p.add_argument("--no-ckpt-path", action="store_true",
+                   help="call trainer.fit without ckpt_path: the attached callback resumes the run by itself")
     p.add_argument("--hold-until-exists", default=None, metavar="PATH",
                    help="testing: after the first optimizer step, wait until PATH exists")
     return p
@@ -63,9 +67,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("PL_DISABLE_FORK", "1")
     import warnings
 
-    import pytorch_lightning as pl
+    from preemptible.lightning.namespace import by_name
 
-    from preemptible import PreemptionCallback
+    pl = by_name(args.namespace).load_module()  # before the example's model and callbacks, which follow it
+
+    from preemptible import PreemptionCallback, latest_checkpoint
     from preemptible.examples.models import BlobsData, TinyModel
     from preemptible.tools.tracing import SignalAtStep, StepRecorder, state_digest
 
@@ -78,7 +84,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     cb = PreemptionCallback(run_dir=args.run_dir, requeue=args.requeue, max_requeues=args.max_requeues,
                             every_n_steps=args.every_n_steps, every_n_minutes=args.every_n_minutes,
                             async_save=not args.sync_periodic, deadline=deadline)
-    resume = cb.resume_path()
+    if args.no_ckpt_path:  # the callback finds the checkpoint itself; the script only peeks (read-only) at it
+        found = latest_checkpoint(cb.run_dir)
+        resume = str(found) if found else None
+    else:
+        resume = cb.resume_path()
     # --slow-until-resumed: sleep in steps only until the first preemption (the relaunch runs at full speed);
     # --slow-attempts N: only in the first N attempts.
     sleep = args.step_sleep if not (args.slow_until_resumed and resume) else 0.0
@@ -94,7 +104,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.signal_at:
         callbacks.append(SignalAtStep(args.signal_at, ranks=args.signal_rank))
     if args.hold_for_signal or args.hold_until_exists:
-        callbacks.append(_hold_callback(args.hold_for_signal or [], args.hold_until_exists))
+        callbacks.append(_hold_callback(pl, args.hold_for_signal or [], args.hold_until_exists))
     data = BlobsData(samples=args.samples, batch_size=args.batch_size, num_workers=args.num_workers,
                      stateful=args.stateful_loader)
     val_kwargs: dict = {"limit_val_batches": 0}
@@ -119,7 +129,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         use_distributed_sampler=not args.stateful_loader,
         **val_kwargs,
     )
-    trainer.fit(model, datamodule=data, ckpt_path=resume)
+    trainer.fit(model, datamodule=data, ckpt_path=None if args.no_ckpt_path else resume)
     if trainer.is_global_zero:
         print(f"training finished at global step {trainer.global_step}", flush=True)
     return {"global_step": trainer.global_step, "rank": trainer.global_rank, "weights": state_digest(model)}
@@ -129,7 +139,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 HOLD_TIMEOUT = 300.0
 
 
-def _hold_callback(points: Sequence[str], path: str | None) -> Any:
+def _hold_callback(pl: Any, points: Sequence[str], path: str | None) -> Any:
     """Testing: a callback that pauses (sleeping only: no random numbers drawn, nothing trained) until a
     state is reached, so that a test waits on that state instead of racing the clock.
 
@@ -137,8 +147,6 @@ def _hold_callback(points: Sequence[str], path: str | None) -> Any:
     a preemption signal. ``path``: after the first optimizer step, wait until the file exists.
     """
     import warnings
-
-    import pytorch_lightning as pl
 
     from preemptible.core.environment import JobEnvironment
     from preemptible.tools.tracing import hold_until, preemption_signal_recorded
@@ -171,8 +179,11 @@ def _hold_callback(points: Sequence[str], path: str | None) -> Any:
 
 
 def _loggers(args: argparse.Namespace) -> list[Any]:
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+    from preemptible.lightning.namespace import by_name
 
+    loggers = by_name(args.namespace)
+    CSVLogger, TensorBoardLogger, WandbLogger = (loggers.load("loggers", name)
+                                                 for name in ("CSVLogger", "TensorBoardLogger", "WandbLogger"))
     made: list[Any] = []
     for name in filter(None, args.loggers.split(",")):
         if name == "tensorboard":

@@ -13,10 +13,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
-
-import pytorch_lightning as pl
-from pytorch_lightning.callbacks import Callback
+from typing import Any, Callable, Optional, Sequence, Union
 
 from preemptible.core.config import SessionConfig
 from preemptible.core.environment import JobEnvironment
@@ -25,17 +22,20 @@ from preemptible.core.rng import capture_rng
 from preemptible.core.rundir import RunDirError
 from preemptible.core.schema import STATE_KEY
 from preemptible.core.session import PreemptionSession
-from preemptible.core.signals import DEFAULT_SIGNALS
+from preemptible.core.signals import DEFAULT_SIGNAL_NAMES
 from preemptible.lightning import hooks
+from preemptible.lightning import pltypes as pl  # annotations only (see pltypes: jsonargparse reads this module)
+from preemptible.lightning.clisupport import keep_saved_cli_config
 from preemptible.lightning.compat import check_checkpoint_fits
 from preemptible.lightning.loaders import LoaderTracker
 from preemptible.lightning.loggers import export_wandb_run_id, keep_logger_versions
+from preemptible.lightning.resume import choose_checkpoint, newest_checkpoint
 from preemptible.lightning.saving import LightningSnapshot, packed_state, warn_if_short_of_space
 
 log = logging.getLogger(__name__)
 
 
-class PreemptionCallback(Callback):
+class PreemptionCallback:
     r"""Survive preemption: checkpoint on a signal at a step all ranks agree on, requeue, resume exactly.
 
     A signal (``SIGUSR1`` from ``sbatch --signal``, ``SIGTERM`` on preemption or requeue,
@@ -46,37 +46,42 @@ class PreemptionCallback(Callback):
     rank. The restarted job calls :meth:`resume_path` and continues from the same global step with
     the same data order and random streams.
 
-    Every argument is that of :class:`~preemptible.core.config.SessionConfig` (validated there):
-    ``run_dir`` (default ``$PREEMPTIBLE_RUN_DIR``, else ``runs/<SLURM_JOB_ID>``), ``signals`` (names
-    like ``"USR1"`` or ``signal.Signals``), ``requeue`` (``"auto"``, ``"slurm"``, ``"submitit"``,
-    ``"local"``, ``"none"`` or a :class:`~preemptible.core.requeue.RequeueBackend`), ``max_requeues``
-    (default ``$PREEMPTIBLE_MAX_REQUEUES``, else 50; past it the checkpoint is kept and the process
-    exits 1), ``keep`` (committed checkpoints kept, at least 2), ``verify`` (``"checksum"`` or
-    ``"size"``), ``checksum`` (``"crc32"`` or ``"sha256"``), ``exact_data`` (resume map-style train
-    loaders at the exact batch), ``save_on_finish``, ``allow_world_size_change``, ``every_n_steps`` /
-    ``every_n_minutes`` (periodic safety checkpoints), ``async_save`` (write those in the background
-    from a CPU copy), ``deadline`` (``True``: the job's end time from SLURM; a number: a fixed end
-    time; ``False``: off) and ``agree_every_n_steps`` (reduce the DDP stop votes every N steps). The
+    Attached to the trainer, it also resumes by itself: ``trainer.fit(model, datamodule)`` without
+    ``ckpt_path`` continues from the run's newest valid checkpoint (so a LightningCLI or Hydra config
+    needs no ``ckpt_path``); an explicit ``ckpt_path`` still wins, with a warning when the run holds a
+    newer committed checkpoint. The arguments (documented in ``__init__``, and in ``--help`` under
+    LightningCLI) are those of :class:`~preemptible.core.config.SessionConfig`, validated there; the
     README's table explains each.
 
     Example::
 
-        import pytorch_lightning as pl
+        import lightning.pytorch as pl  # or: import pytorch_lightning as pl
         from preemptible import PreemptionCallback
 
-        cb = PreemptionCallback(run_dir="runs/exp1")
-        trainer = pl.Trainer(max_epochs=3, callbacks=[cb])
-        trainer.fit(model, datamodule=dm, ckpt_path=cb.resume_path())  # None on the first start
+        trainer = pl.Trainer(max_epochs=3, callbacks=[PreemptionCallback(run_dir="runs/exp1")])
+        trainer.fit(model, datamodule=dm)  # a fresh start, or the resume of the same run
+
+    ``preemptible.PreemptionCallback`` is a subclass of the ``Callback`` of the Lightning package the
+    process imported (:mod:`preemptible.lightning.namespace`).
 
     .. note:: Lightning's own SLURM auto-requeue is switched off for this trainer (it checkpoints inside
        the signal handler and keeps training), and Lightning's SIGTERM handler is replaced during ``fit``.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> "PreemptionCallback":
+        if cls is PreemptionCallback:
+            # The namespace-neutral implementation was named before any Lightning was imported: become the
+            # subclass of the Callback of the Lightning in use now (a real Callback, for isinstance checks).
+            from preemptible.lightning.namespace import class_at_construction
+
+            cls = class_at_construction()
+        return super().__new__(cls)
+
     def __init__(
         self,
-        run_dir: str | os.PathLike[str] | None = None,
-        signals: Iterable[str | int | signal.Signals] = DEFAULT_SIGNALS,
-        requeue: str | RequeueBackend = "auto",
+        run_dir: Optional[Union[str, "os.PathLike[str]"]] = None,
+        signals: Sequence[Union[str, int]] = DEFAULT_SIGNAL_NAMES,
+        requeue: Union[str, RequeueBackend] = "auto",
         max_requeues: Optional[int] = None,
         keep: int = 2,
         verify: str = "checksum",
@@ -87,9 +92,32 @@ class PreemptionCallback(Callback):
         every_n_steps: Optional[int] = None,
         every_n_minutes: Optional[float] = None,
         async_save: bool = True,
-        deadline: bool | float | None = True,
+        deadline: Union[bool, float, None] = True,
         agree_every_n_steps: int = 1,
     ) -> None:
+        """Set up the run's session; signals are recorded from here on.
+
+        Args:
+            run_dir: the run's directory, the same for every restart (default: $PREEMPTIBLE_RUN_DIR, else
+                runs/<SLURM_JOB_ID> under SLURM).
+            signals: signals that mean "stop soon", by name (USR1, TERM, USR2) or number.
+            requeue: auto (SLURM: scontrol requeue; submitit: submitit; else the exit code only), slurm,
+                submitit, local or none.
+            max_requeues: requeues the run may use; past it the checkpoint is kept and the process exits 1
+                (default: $PREEMPTIBLE_MAX_REQUEUES, else 50).
+            keep: committed checkpoints to keep (at least 2).
+            verify: checksum (size and checksum) or size: how a checkpoint is checked before resuming from it.
+            checksum: crc32 or sha256, for new checkpoints.
+            exact_data: resume map-style training DataLoaders mid-epoch at the exact batch.
+            save_on_finish: commit a last checkpoint when training ends.
+            allow_world_size_change: resume a checkpoint written by a different number of ranks (inexactly).
+            every_n_steps: a periodic safety checkpoint every N optimizer steps.
+            every_n_minutes: a periodic safety checkpoint every M minutes.
+            async_save: write periodic checkpoints in the background from a CPU copy.
+            deadline: true: read the job's end time from SLURM and stop before it; a number: a fixed end
+                time (unix seconds); false: off.
+            agree_every_n_steps: under DDP, reduce the ranks' stop votes only every N steps.
+        """
         super().__init__()
         self.config = SessionConfig(
             run_dir=run_dir, signals=signals, requeue=requeue, max_requeues=max_requeues, keep=keep, verify=verify,
@@ -101,6 +129,7 @@ class PreemptionCallback(Callback):
         self._loaders = LoaderTracker(enabled=exact_data)
         self._snapshot: Optional[LightningSnapshot] = None
         self._validation_due: Callable[[], bool] = lambda: False
+        self._resume_asked = False
         if "wandb" in sys.modules or importlib.util.find_spec("wandb") is not None:
             try:
                 export_wandb_run_id(self.session.run)
@@ -121,6 +150,7 @@ class PreemptionCallback(Callback):
         Invalid checkpoints are reported and moved to ``checkpoints/quarantine/`` (by global rank 0
         only), and the previous valid one is returned. Call it on every rank; all get the same answer.
         """
+        self._resume_asked = True
         return self.session.resume_path()
 
     # -- Lightning hooks --------------------------------------------------------------------------------
@@ -129,13 +159,11 @@ class PreemptionCallback(Callback):
             return
         session = self.session
         session.open(rank=trainer.global_rank, world_size=trainer.world_size)
-        # Lightning only learns ckpt_path after this hook; the canonical call passes resume_path()'s answer.
-        ckpt = trainer.ckpt_path or session.resumed_from
-        if ckpt:
-            check_checkpoint_fits(ckpt, pl_module, trainer.world_size, self.config.allow_world_size_change)
+        newest = newest_checkpoint(trainer, session, already_asked=self._resume_asked)
         if trainer.is_global_zero:
             warn_if_short_of_space(session.run.store, pl_module)
         keep_logger_versions(trainer, session.run)
+        keep_saved_cli_config(trainer)
         if not session.signals.installed:
             warnings.warn("preemptible: trainer.fit is not running in the main thread, so no signal handler "
                           "could be installed; preemption signals will not be noticed", stacklevel=2)
@@ -153,7 +181,23 @@ class PreemptionCallback(Callback):
             session.agreement.deferred = hooks.replace_lightning_sigterm_broadcast(trainer, session.agreement.reduce_pending)
         self._snapshot = LightningSnapshot(trainer, lambda: self._rank_state(trainer))
         self._validation_due = lambda: hooks.validation_due(trainer)  # made once, not per batch
-        session.start(checkpoint=ckpt)
+        # Lightning picks the checkpoint it loads before this hook and tells no callback: the run begins at
+        # the point where it restores, with the user's choice or, when there is none, the run's newest.
+        if not hooks.choose_checkpoint_to_restore(trainer, lambda asked: self._begin(
+                trainer, pl_module, choose_checkpoint(asked, newest, trainer.is_global_zero))):
+            warnings.warn("preemptible: this Lightning version offers no point to choose the checkpoint to restore; "
+                          "pass trainer.fit(..., ckpt_path=callback.resume_path()) to resume", stacklevel=2)
+            self._begin(trainer, pl_module, trainer.ckpt_path or (newest if self._resume_asked else None))
+
+    def _begin(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
+               ckpt: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[str]:
+        """Every rank, once the checkpoint to restore is known: check it fits, journal the (re)start."""
+        ckpt = str(ckpt) if ckpt else None
+        if ckpt:
+            check_checkpoint_fits(ckpt, pl_module, trainer.world_size, self.config.allow_world_size_change)
+            self.session.resumed_from = Path(ckpt)
+        self.session.start(checkpoint=ckpt)
+        return ckpt
 
     def on_sanity_check_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.session.signals.install()
@@ -204,6 +248,7 @@ class PreemptionCallback(Callback):
         if self.session.active:
             self.session.end()
         hooks.restore_lightning_sigterm_broadcast(trainer)
+        hooks.restore_checkpoint_choice(trainer)
 
     # -- state carried inside the checkpoint -------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

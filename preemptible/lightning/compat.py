@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pytorch_lightning as pl
 import torch
 
 from preemptible.core.schema import COMMIT_SUFFIX, STATE_KEY, CommitRecordKey
 from preemptible.core.store import CheckpointError
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 
 class CheckpointMismatch(CheckpointError):

@@ -1,7 +1,8 @@
 """Every place where preemptible reaches into Lightning's private objects, kept in one module.
 
-Each access names the Lightning version it was checked against (``checked: 2.6``: pytorch-lightning
-2.6.x) and degrades (returning ``False``/``None``, with a warning where a refinement is lost) when
+Each access names the Lightning version it was checked against (``checked: 2.6``: lightning and
+pytorch-lightning 2.6.x, the same code under two names; each function acts on the package of the
+trainer it is given) and degrades (returning ``False``/``None``, with a warning where a refinement is lost) when
 the attribute it needs is missing, so a Lightning release that moves things loses a refinement, not
 the whole callback. Nothing else under ``preemptible/`` touches a private Lightning attribute.
 """
@@ -10,9 +11,12 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-import pytorch_lightning as pl
+from preemptible.lightning import namespace
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 CHECKED_AGAINST = "2.6"
 
@@ -101,13 +105,42 @@ def disable_lightning_auto_requeue(trainer: "pl.Trainer") -> bool:
     Lightning's handler saves a checkpoint *inside* the signal handler (a collective: it deadlocks
     when the signal reaches only some ranks) and then keeps training.
     """
-    from lightning_fabric.plugins.environments import SLURMEnvironment  # public; auto_requeue is public too
-
+    # Public, as is auto_requeue; the trainer's own package's class (lightning.fabric or lightning_fabric).
+    SLURMEnvironment = namespace.of(trainer).load_fabric("plugins.environments", "SLURMEnvironment")
     env = getattr(trainer.strategy, "cluster_environment", None)
     if isinstance(env, SLURMEnvironment) and env.auto_requeue:
         env.auto_requeue = False
         return True
     return False
+
+
+def choose_checkpoint_to_restore(trainer: "pl.Trainer", choose: Callable[[Optional[str]], Optional[str]]) -> bool:
+    """Let ``choose(asked)`` decide the checkpoint ``fit`` restores; ``asked`` is Lightning's own choice.
+
+    Lightning selects the path (``ckpt_path``, ``trainer.ckpt_path``, its SLURM ``"hpc"`` one) before
+    any callback hook and restores it after ``setup``; no public API lets a callback supply one at
+    that point (the ``trainer.ckpt_path`` setter only works before ``fit``). So the one call that
+    restores the model, datamodule and callbacks (and, through ``_loaded_checkpoint``, the training
+    state) is given the chosen path. Undone by :func:`restore_checkpoint_choice`.
+    checked: 2.6 — ``trainer._checkpoint_connector._restore_modules_and_callbacks(checkpoint_path, weights_only)``.
+    """
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    restore = getattr(type(connector), "_restore_modules_and_callbacks", None)
+    if connector is None or restore is None:
+        return False
+
+    def restore_chosen(checkpoint_path: Optional[str] = None, *args: Any, **kwargs: Any) -> None:
+        restore(connector, choose(checkpoint_path), *args, **kwargs)
+
+    restore_chosen._preemptible = True  # type: ignore[attr-defined]
+    connector._restore_modules_and_callbacks = restore_chosen  # an instance attribute shadows the method
+    return True
+
+
+def restore_checkpoint_choice(trainer: "pl.Trainer") -> None:
+    connector = getattr(trainer, "_checkpoint_connector", None)
+    if connector is not None and getattr(connector.__dict__.get("_restore_modules_and_callbacks"), "_preemptible", False):
+        del connector._restore_modules_and_callbacks
 
 
 def after_lightning_installs_handlers(trainer: "pl.Trainer", reinstall: Callable[[], None]) -> bool:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import pytorch_lightning as pl
 from torch.utils.data import DataLoader, IterableDataset
 
 from preemptible.core.data import ResumableBatches, SeedingWorkerInit
 from preemptible.core.rng import restore_rng
 from preemptible.lightning import hooks
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 
 class LoaderTracker:

@@ -18,15 +18,16 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psutil
-import pytorch_lightning as pl
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 
 from preemptible.core.rundir import RunDirectory
 from preemptible.core.schema import RunRecordKey
-from preemptible.lightning import hooks
+from preemptible.lightning import hooks, namespace
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
 
 
 def _key(index: int, logger: Any) -> str:
@@ -44,6 +45,9 @@ def export_wandb_run_id(run: RunDirectory) -> None:
 
 def keep_logger_versions(trainer: "pl.Trainer", run: RunDirectory) -> dict[str, Any]:
     """Every rank calls this at set-up; rank 0 decides and records, the others follow. Returns the mapping."""
+    package = namespace.of(trainer)  # the loggers of the trainer's own package
+    TensorBoardLogger, CSVLogger, WandbLogger = (package.load("loggers", name)
+                                                 for name in ("TensorBoardLogger", "CSVLogger", "WandbLogger"))
     loggers = [(i, lg) for i, lg in enumerate(trainer.loggers) if isinstance(lg, (TensorBoardLogger, CSVLogger, WandbLogger))]
     if not loggers:
         return {}
@@ -70,7 +74,7 @@ def _move_back(logger: Any, version: Any) -> None:
     hooks.close_logger_experiment(logger)
     hooks.set_logger_version(logger, version)
     _remove_if_just_made(fresh)
-    if isinstance(logger, CSVLogger):
+    if isinstance(logger, namespace.of(logger).load("loggers", "CSVLogger")):
         # A new CSV writer deletes an existing metrics.csv ("previous log files will be deleted"):
         # create it with the file moved aside, then put the file back; the writer appends to it.
         metrics = Path(logger.log_dir) / "metrics.csv"

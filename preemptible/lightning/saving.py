@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
-
-import pytorch_lightning as pl
-from pytorch_lightning.plugins.io import TorchCheckpointIO
-from pytorch_lightning.strategies import Strategy
+from typing import TYPE_CHECKING, Any, Callable
 
 from preemptible.core.checkpointing import estimated_checkpoint_bytes
 from preemptible.core.schema import STATE_FORMAT, STATE_KEY
 from preemptible.core.store import CheckpointStore
-from preemptible.lightning import hooks
+from preemptible.lightning import hooks, namespace
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+    from pytorch_lightning.strategies import Strategy
 
 
 def streams_with_torch_save(strategy: Strategy) -> bool:
@@ -21,8 +21,11 @@ def streams_with_torch_save(strategy: Strategy) -> bool:
     Then the store writes it itself, streaming into the temp file while checksumming, instead of
     Lightning's ``TorchCheckpointIO`` which first serializes the whole checkpoint into memory. Any
     other strategy (sharded, DeepSpeed, a custom ``CheckpointIO``) saves through its own method.
+    The classes are those of the strategy's own package (``lightning.pytorch`` or ``pytorch_lightning``).
     """
-    return type(strategy.checkpoint_io) is TorchCheckpointIO and type(strategy).save_checkpoint is Strategy.save_checkpoint
+    package = namespace.of(strategy)
+    torch_io, base = package.load("plugins.io", "TorchCheckpointIO"), package.load("strategies", "Strategy")
+    return type(strategy.checkpoint_io) is torch_io and type(strategy).save_checkpoint is base.save_checkpoint
 
 
 def parameter_bytes(pl_module: "pl.LightningModule") -> int:

@@ -16,12 +16,17 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import pytorch_lightning as pl
 import torch
 from torch import nn
 
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.schema import TraceKind, trace_entry
+from preemptible.lightning import pltypes
+from preemptible.lightning.namespace import package_in_use
+
+# The callbacks of the Lightning the process imported (``lightning.pytorch`` or ``pytorch_lightning``): a Trainer
+# accepts only its own package's classes. No ``if TYPE_CHECKING`` import here: see preemptible.lightning.pltypes.
+pl: Any = package_in_use().load_module()
 
 
 def state_digest(module: nn.Module) -> str:
@@ -63,13 +68,13 @@ class StepRecorder(pl.Callback):
         self.final_state = final_state
         self.attempt = JobEnvironment.from_env().restart_count  # this process's attempt: read once
 
-    def _write(self, trainer: "pl.Trainer", kind: str, batch_idx: Optional[int] = None, **fields: Any) -> None:
+    def _write(self, trainer: "pltypes.Trainer", kind: str, batch_idx: Optional[int] = None, **fields: Any) -> None:
         entry = trace_entry(kind, trainer.global_rank, trainer.current_epoch, batch_idx, trainer.global_step,
                             self.attempt, **fields)
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+    def on_train_batch_end(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = _loss_of(outputs)
         fields: dict[str, Any] = {"loss": float(loss.detach()).hex() if loss is not None else None}
@@ -78,13 +83,13 @@ class StepRecorder(pl.Callback):
         # global_step has already moved past this batch's optimizer step: record the step it trained at.
         self._write(trainer, TraceKind.TRAIN, batch_idx, **fields)
 
-    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+    def on_validation_batch_end(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule", outputs: Any, batch: Any,
                                 batch_idx: int, dataloader_idx: int = 0) -> None:
         loss = _loss_of(outputs)
         if not trainer.sanity_checking and loss is not None:
             self._write(trainer, TraceKind.VAL, batch_idx, loss=float(loss.detach()).hex())
 
-    def on_fit_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_end(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule") -> None:
         self._write(trainer, TraceKind.FINAL, weights=state_digest(pl_module))
         if self.final_state:
             torch.save(pl_module.state_dict(), self.path.with_suffix(f".rank{trainer.global_rank}.pt"))
@@ -114,16 +119,16 @@ class SignalAtStep(pl.Callback):
         self._fired = False
         self._armed_after_step = False
 
-    def _fire(self, trainer: "pl.Trainer") -> None:
+    def _fire(self, trainer: "pltypes.Trainer") -> None:
         if not self._fired and (self.ranks is None or trainer.global_rank in self.ranks):
             self._fired = True
             os.kill(os.getpid(), self.signum)
 
-    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def on_fit_start(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule") -> None:
         if self.point == "0":
             self._fire(trainer)
 
-    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+    def on_train_batch_end(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.point is None or self.point.startswith("v") or self.point == "0":
             return
@@ -136,7 +141,7 @@ class SignalAtStep(pl.Callback):
             else:
                 self._fire(trainer)
 
-    def on_validation_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any,
+    def on_validation_batch_start(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule", batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
         if (self.point and self.point.startswith("v") and not trainer.sanity_checking
                 and trainer.global_step == int(self.point[1:])):

@@ -41,13 +41,13 @@ class Job:
     """One submitted training job and the files it writes."""
 
     def __init__(self, tmp_path: Path, cluster: SlurmCluster, jobs: list[str], name: str, step_sleep: float,
-                 *sbatch_options: str, slow_attempts: int | None = None) -> None:
+                 *sbatch_options: str, slow_attempts: int | None = None, **options: Any) -> None:
         self.cluster = cluster
         self.run_dir = tmp_path / "run"
         self.record = tmp_path / "record.jsonl"
         # ``slow_attempts``: the steps take ``step_sleep`` only in the first attempts, those a scenario stops.
         command = example_command(self.record, max_steps=STEPS, devices=RANKS, step_sleep=step_sleep,
-                                  slow_attempts=slow_attempts)
+                                  slow_attempts=slow_attempts, **options)
         self.id = sbatch_cli(tmp_path, "--job-name", f"pt-{name}", "--ntasks-per-node", str(RANKS),
                              "--cpus-per-task", "1", "--partition", "low", "--run-dir", str(self.run_dir),
                              *sbatch_options, "--", *command)

@@ -50,8 +50,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = hydra.utils.instantiate(cfg.data)
     loggers = instantiate_all(cfg.get("logger"))
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    # Until the callback resumes by itself (attach-and-forget), the run's newest checkpoint is passed here.
-    trainer.fit(model, datamodule=datamodule, ckpt_path=preemption.resume_path())
+    # No ckpt_path: the attached callback resumes the run's newest valid checkpoint by itself.
+    trainer.fit(model, datamodule=datamodule)
     if trainer.is_global_zero:
         print(f"training finished at global step {trainer.global_step} in {preemption.run_dir}", flush=True)
     return {"global_step": trainer.global_step, "rank": trainer.global_rank, "weights": state_digest(model)}
