@@ -12,6 +12,7 @@ import signal
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
+from preemptible.core.crashes import DEFAULT_MAX_CRASH_REQUEUES
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.requeue import BACKENDS, RequeueBackend
 from preemptible.core.signals import DEFAULT_SIGNALS, parse_signal
@@ -36,6 +37,11 @@ class SessionConfig:
         max_requeues: how many requeues the run may use (counted from ``SLURM_RESTART_COUNT`` and the
             run's own record). Past it the checkpoint is still written, and the process exits with code 1
             and a message saying so. Default: ``$PREEMPTIBLE_MAX_REQUEUES``, else 50.
+        max_crash_requeues: how many times a run that *crashed* (a rank killed by a signal or the OOM killer,
+            a lost node; not an exception of the training code) is requeued by its supervisor (the sbatch
+            templates' batch shell, ``preemptible run``, the submitit task), counted apart from ``max_requeues``.
+            A second crash in a row without a new checkpoint stops the run earlier (see :mod:`preemptible.core.crashes`).
+            Default: ``$PREEMPTIBLE_MAX_CRASH_REQUEUES``, else 3.
         keep: committed checkpoints to keep (at least 2; never the one the run resumed from).
         verify: ``"checksum"`` (default) checks size and checksum of a checkpoint before resuming from it,
             ``"size"`` only its size (``"sha256"``, the name of 0.1.0, means ``"checksum"``).
@@ -72,6 +78,7 @@ class SessionConfig:
     signals: Iterable[SignalSpec] = DEFAULT_SIGNALS
     requeue: Union[str, RequeueBackend] = "auto"
     max_requeues: Optional[int] = None
+    max_crash_requeues: Optional[int] = None
     keep: int = 2
     verify: str = "checksum"
     checksum: str = "crc32"
@@ -108,6 +115,18 @@ class SessionConfig:
                 except ValueError:
                     raise ValueError(f"PREEMPTIBLE_MAX_REQUEUES={from_env!r} is not a whole number; set it to e.g. 50, "
                                      "unset it, or pass max_requeues=") from None
+        if self.max_crash_requeues is None:
+            from_env = JobEnvironment.from_env().max_crash_requeues
+            if from_env is None:
+                self.max_crash_requeues = DEFAULT_MAX_CRASH_REQUEUES
+            else:
+                try:
+                    self.max_crash_requeues = int(from_env)
+                except ValueError:
+                    raise ValueError(f"PREEMPTIBLE_MAX_CRASH_REQUEUES={from_env!r} is not a whole number; set it to e.g. "
+                                     "3, unset it, or pass max_crash_requeues=") from None
+        if self.max_crash_requeues < 0:
+            raise ValueError(f"max_crash_requeues={self.max_crash_requeues} must be >= 0")
         if self.max_requeues < 0:
             raise ValueError(f"max_requeues={self.max_requeues} must be >= 0")
         if self.keep < 2:

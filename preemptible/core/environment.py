@@ -15,6 +15,8 @@ variable                                  field
 ``PREEMPTIBLE_ATTEMPT``                   :attr:`~JobEnvironment.local_attempt` (set by ``preemptible run``)
 ``PREEMPTIBLE_RUN_DIR``                   :attr:`~JobEnvironment.run_dir`
 ``PREEMPTIBLE_MAX_REQUEUES``              :attr:`~JobEnvironment.max_requeues`
+``PREEMPTIBLE_MAX_CRASH_REQUEUES``        :attr:`~JobEnvironment.max_crash_requeues`
+``PREEMPTIBLE_SHELL_REQUEUES``            :attr:`~JobEnvironment.shell_requeues` (``1``: set by the sbatch templates)
 ``PREEMPTIBLE_SIGNAL_LEAD``               :attr:`~JobEnvironment.signal_lead` (set by the sbatch templates)
 ``PREEMPTIBLE_PROGRESS_INTERVAL``         :attr:`~JobEnvironment.progress_interval` (seconds, default 1)
 ``PREEMPTIBLE_PROGRESS_EVENT_SECONDS``    :attr:`~JobEnvironment.progress_event_seconds` (default 30)
@@ -47,6 +49,9 @@ class JobEnvironment:
     signal_lead: float | None = None
     progress_interval: float = 1.0
     progress_event_seconds: float = 30.0
+    max_crash_requeues: str | None = None  # as written, like max_requeues
+    #: the batch shell of our templates requeues the job itself after the step when the ranks cannot
+    shell_requeues: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "JobEnvironment":
@@ -67,6 +72,8 @@ class JobEnvironment:
             signal_lead=_float(env.get("PREEMPTIBLE_SIGNAL_LEAD"), None),
             progress_interval=_float(env.get("PREEMPTIBLE_PROGRESS_INTERVAL"), 1.0) or 0.0,
             progress_event_seconds=_float(env.get("PREEMPTIBLE_PROGRESS_EVENT_SECONDS"), 30.0) or 0.0,
+            max_crash_requeues=env.get("PREEMPTIBLE_MAX_CRASH_REQUEUES") or None,
+            shell_requeues=env.get("PREEMPTIBLE_SHELL_REQUEUES") == "1",
         )
 
     @property

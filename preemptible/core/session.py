@@ -26,6 +26,7 @@ from preemptible.core import votes
 from preemptible.core.agreement import StopAgreement, make_agreement
 from preemptible.core.checkpointing import BackgroundWriter, Snapshot, save_checkpoint
 from preemptible.core.config import SessionConfig
+from preemptible.core.crashes import failure_kind
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.exit import Preempted, RequeueLimitReached
 from preemptible.core.lock import RunLock, RunLockedError
@@ -44,6 +45,7 @@ from preemptible.core.schema import (
     REASON_FINISHED,
     REASON_PERIODIC,
     Event,
+    FailureKind,
     RequeueOutcomeName,
     RunRecordKey,
     RunStatus,
@@ -142,6 +144,7 @@ class PreemptionSession:
             run.journal.append(Event.RESUME if checkpoint else Event.START, checkpoint=str(checkpoint) if checkpoint else None,
                                world_size=self.world_size, attempt=self.env.restart_count, backend=self.backend.name)
             run.update_record(**{RunRecordKey.WORLD_SIZE: self.world_size, RunRecordKey.STATUS: RunStatus.RUNNING,
+                                 RunRecordKey.MAX_CRASH_REQUEUES: self.config.max_crash_requeues,
                                  RunRecordKey.ATTEMPTS: int(run.read_record().get(RunRecordKey.ATTEMPTS, 0)) + 1})
 
     def training_started(self, step: int, epoch: int, loaded: Optional[str | Path]) -> bool:
@@ -251,11 +254,13 @@ class PreemptionSession:
                 before_exit()
                 raise
             record = run.read_record()
+            counted = outcome.requested or outcome.delegated
             run.update_record(**{RunRecordKey.STATUS: RunStatus.PREEMPTED,
-                                 RunRecordKey.REQUEUES: int(record.get(RunRecordKey.REQUEUES, 0)) + int(outcome.requested),
+                                 RunRecordKey.REQUEUES: int(record.get(RunRecordKey.REQUEUES, 0)) + int(counted),
                                  RunRecordKey.LAST_PREEMPTED_STEP: step})
-            run.journal.append(Event.REQUEUE, backend=outcome.backend, detail=outcome.detail, step=step,
-                               outcome=RequeueOutcomeName.REQUESTED if outcome.requested else RequeueOutcomeName.NONE)
+            name = (RequeueOutcomeName.DELEGATED if outcome.delegated else
+                    RequeueOutcomeName.REQUESTED if outcome.requested else RequeueOutcomeName.NONE)
+            run.journal.append(Event.REQUEUE, backend=outcome.backend, detail=outcome.detail, step=step, outcome=name)
         preempted = Preempted(step=step, checkpoint=path, reason=stop.reason)
         run.journal.append(Event.EXIT, code=preempted.code, reason=stop.reason, step=step)
         print(f"preemptible: rank {self.rank} {preempted}", flush=True)
@@ -294,6 +299,9 @@ class PreemptionSession:
         if isinstance(exception, LEAVING):
             self.signals.ignore_from_now_on()
             return dict.fromkeys(self.signals.signals, signal.SIG_IGN)
+        # Journaled before the process exits, so that its supervisor can tell this failure (final: the
+        # training code would raise again) from a crash that leaves no trace (core/crashes.py).
+        self._journal_failure(exception)
         handlers = self.signals.previous_handlers()
         self.signals.restore()
         return handlers
@@ -310,6 +318,18 @@ class PreemptionSession:
         self._report_background_failure()
 
     # -- internals -------------------------------------------------------------------------------------
+    def _journal_failure(self, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) or self._run is None:
+            return
+        kind = failure_kind(exception)
+        try:
+            self._run.journal.append(Event.FAILURE, step=self._last_step, kind=kind,
+                                     error=f"{type(exception).__name__}: {exception}"[:500])
+            if self.is_global_zero and kind == FailureKind.USER:
+                self._run.update_record(**{RunRecordKey.STATUS: RunStatus.FAILED})
+        except OSError as exc:  # the original error matters more than its journal line
+            log.warning("preemptible: could not journal the failure: %s", exc)
+
     def _journal_signal(self, step: int) -> None:
         """Every rank that received a signal journals it once, at the first point it looks (never in the handler)."""
         note = self.signals.note
