@@ -113,3 +113,20 @@ def test_crash_requeue_limit_and_decisions_on_a_journal(tmp_path: Path) -> None:
     fresh = JobEnvironment.from_env({"PREEMPTIBLE_ATTEMPT": "5"})
     early = decide(run.path, 1, env=fresh)
     assert early.decision == CrashDecision.FAILED and "before training was set up" in early.message
+
+
+@pytest.mark.ddp
+@pytest.mark.timeout(400)
+def test_ddp_rank_killed_is_relaunched_bitwise(tmp_path: Path, reference_run) -> None:
+    """2 ranks under Lightning's own launcher, rank 1 SIGKILLed at step 6: rank 0's collective fails (journaled as
+    a dead peer, not a bug), the attempt is relaunched from the newest periodic checkpoint and ends bitwise."""
+    run_dir, record = tmp_path / "run", tmp_path / "record.jsonl"
+    command = example_command(record, max_steps=12, devices=2, every_n_steps=4, sync_periodic=True, signal_at=["6"],
+                              signal_rank=1, signal_name="KILL")
+    done = preemptible_run(run_dir, command)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [crash] = crashes(run_dir)
+    assert crash["decision"] == CrashDecision.REQUEUE and crash["checkpoint_step"] in (4, 5, 6), crash
+    peers = [e for e in read_events(run_dir) if e["event"] == Event.FAILURE]
+    assert all(e["kind"] == FailureKind.PEER for e in peers), peers
+    assert_same_after_crash(record, reference_run(max_steps=12, devices=2), resumed_at={1: crash["checkpoint_step"]})
