@@ -56,3 +56,12 @@ class RequeueLimitReached(SystemExit):
 
     def __str__(self) -> str:
         return self.message
+
+
+#: Exit code of a rank that left because another rank of the job died or froze without warning
+#: (SIGKILL, a segfault, an OOM kill, a hung device; see :mod:`preemptible.core.watchdog`). It means
+#: "crashed: start again from the newest committed checkpoint". Supervisors tell it apart from
+#: :data:`REQUEUE_EXIT_CODE` (a checkpoint was just taken for the requeue), from 1 (a real failure:
+#: do not retry) and from 128 + N (this process was killed by signal N). 145 is 128 + SIGCHLD, a
+#: signal that never kills, so no death by signal reads as this code.
+CRASH_EXIT_CODE: int = 145

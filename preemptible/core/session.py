@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from preemptible.core import votes
+from preemptible.core import procgroup, votes
 from preemptible.core.agreement import StopAgreement, make_agreement
 from preemptible.core.checkpointing import BackgroundWriter, Snapshot, save_checkpoint
 from preemptible.core.config import SessionConfig
@@ -131,6 +131,8 @@ class PreemptionSession:
         self.run.journal.rank = rank
         self.agreement = make_agreement(world_size, every=self.config.agree_every_n_steps)
         self._take_lock()
+        if world_size > 1:
+            procgroup.release_at_exit()  # else the gloo group may abort the finished process at exit (exit 134)
         self.signals.install()
 
     def start(self, checkpoint: Optional[str | Path]) -> None:
@@ -296,6 +298,8 @@ class PreemptionSession:
         self.active = False
         if self._lock is not None:
             self._lock.release()
+        if not isinstance(exception, LEAVING):
+            procgroup.keep_at_exit()  # a collective may still wait for a peer that is gone
         if isinstance(exception, LEAVING):
             self.signals.ignore_from_now_on()
             return dict.fromkeys(self.signals.signals, signal.SIG_IGN)
@@ -316,6 +320,15 @@ class PreemptionSession:
         if self._lock is not None:
             self._lock.release()
         self._report_background_failure()
+
+    def release_process_group(self) -> bool:
+        """Every rank, once no collective follows: destroy the ``torch.distributed`` groups now.
+
+        Otherwise this happens at interpreter exit (registered by :meth:`open` under DDP), which is
+        early enough against the gloo abort at exit; an adapter that owns the group's life (a Fabric
+        or plain-loop script) may call this at its end instead. Returns whether there was a group.
+        """
+        return procgroup.release_process_groups()
 
     # -- internals -------------------------------------------------------------------------------------
     def _journal_failure(self, exception: BaseException) -> None:
