@@ -130,3 +130,25 @@ def test_ddp_rank_killed_is_relaunched_bitwise(tmp_path: Path, reference_run) ->
     peers = [e for e in read_events(run_dir) if e["event"] == Event.FAILURE]
     assert all(e["kind"] == FailureKind.PEER for e in peers), peers
     assert_same_after_crash(record, reference_run(max_steps=12, devices=2), resumed_at={1: crash["checkpoint_step"]})
+
+
+def test_batch_shell_rules_cancel_and_missing_scontrol() -> None:
+    """scancel is told from a requeue by squeue's state; without scontrol the ranks delegate under our templates."""
+    from preemptible.core.requeue import RequeueError, SlurmRequeue
+    from preemptible.scheduler.afterstep import JobState, already_requeued, job_being_cancelled
+
+    assert job_being_cancelled(JobState("CANCELLED", 0, "None"), 0)
+    assert job_being_cancelled(JobState("COMPLETING", 1, "None"), 1)
+    assert not job_being_cancelled(JobState("COMPLETING", 1, "TimeLimit"), 1)
+    assert not job_being_cancelled(JobState("COMPLETING", 2, "None"), 1), "a requeue raised the restart count"
+    assert not job_being_cancelled(JobState("RUNNING", 0, "None"), 0)
+    assert not job_being_cancelled(None, 0)
+    assert already_requeued(JobState("PENDING", 1, "BeginTime"), 0)
+    assert not already_requeued(JobState("RUNNING", 0, "None"), 0)
+
+    env = {"SLURM_JOB_ID": "77"}
+    missing = SlurmRequeue(scontrol="no-such-scontrol-here")
+    outcome = missing.request(JobEnvironment.from_env({**env, "PREEMPTIBLE_SHELL_REQUEUES": "1"}))
+    assert outcome.delegated and not outcome.requested, outcome
+    with pytest.raises(RequeueError, match="is not on PATH"):
+        missing.request(JobEnvironment.from_env(env))
