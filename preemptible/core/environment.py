@@ -18,6 +18,8 @@ variable                                  field
 ``PREEMPTIBLE_SIGNAL_LEAD``               :attr:`~JobEnvironment.signal_lead` (set by the sbatch templates)
 ``PREEMPTIBLE_PROGRESS_INTERVAL``         :attr:`~JobEnvironment.progress_interval` (seconds, default 1)
 ``PREEMPTIBLE_PROGRESS_EVENT_SECONDS``    :attr:`~JobEnvironment.progress_event_seconds` (default 30)
+``PREEMPTIBLE_PEER_TIMEOUT``              :attr:`~JobEnvironment.peer_timeout` (seconds; 0 turns the watchdog off)
+``PREEMPTIBLE_INJECT``                    :attr:`~JobEnvironment.inject` (testing: faults, see ``core/inject.py``)
 ========================================  ====================================================
 """
 
@@ -47,6 +49,8 @@ class JobEnvironment:
     signal_lead: float | None = None
     progress_interval: float = 1.0
     progress_event_seconds: float = 30.0
+    peer_timeout: str | None = None  # as written: SessionConfig parses it, with a clear error, when it is used
+    inject: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "JobEnvironment":
@@ -67,6 +71,8 @@ class JobEnvironment:
             signal_lead=_float(env.get("PREEMPTIBLE_SIGNAL_LEAD"), None),
             progress_interval=_float(env.get("PREEMPTIBLE_PROGRESS_INTERVAL"), 1.0) or 0.0,
             progress_event_seconds=_float(env.get("PREEMPTIBLE_PROGRESS_EVENT_SECONDS"), 30.0) or 0.0,
+            peer_timeout=env.get("PREEMPTIBLE_PEER_TIMEOUT") or None,
+            inject=env.get("PREEMPTIBLE_INJECT") or None,
         )
 
     @property

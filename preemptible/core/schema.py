@@ -38,6 +38,8 @@ class Event:
     REQUEUE = "requeue"  #: rank 0, what the requeue backend did
     EXIT = "exit"  #: every rank, leaving with an exit code after a stop
     FINISH = "finish"  #: rank 0, training reached its end
+    PEER_LOST = "peer_lost"  #: every rank that leaves because another rank died or froze (core/watchdog.py)
+    FAULT_INJECTED = "fault_injected"  #: a rank about to do a testing fault to itself (core/inject.py)
 
 
 #: Fields every event has, written by the journal itself.
@@ -60,6 +62,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     Event.REQUEUE: ("backend", "outcome", "detail", "error", "step"),
     Event.EXIT: ("code", "reason", "step"),
     Event.FINISH: ("step",),
+    Event.PEER_LOST: ("lost_rank", "how", "seconds_silent", "code", "step"),
+    Event.FAULT_INJECTED: ("action", "step"),
 }
 
 #: Events that open an attempt.
