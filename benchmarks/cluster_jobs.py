@@ -38,8 +38,8 @@ FAULTS_MD = REPO / "benchmarks" / "FAULTS.md"
 BEGIN, END = "<!-- cluster-jobs:begin -->", "<!-- cluster-jobs:end -->"
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 ARMS: dict[str, dict[str, object]] = {
-    "finish": dict(max_steps=8),
-    "crash": dict(max_steps=12, every_n_steps=4, sync_periodic=True, signal_at=["6"], signal_rank=1, signal_name="KILL"),
+    "finish": {"max_steps": 8},
+    "crash": {"max_steps": 12, "every_n_steps": 4, "sync_periodic": True, "signal_at": ["6"], "signal_rank": 1, "signal_name": "KILL"},
 }
 _FIELD = re.compile(r"(\w+)=(\S*)")
 
@@ -95,8 +95,8 @@ def run_arm(arm: str, count: int, workdir: Path, jobcomp: Path, timeout: float) 
                                           if e.get("event") == Event.CRASH)
     failures = [f"job {j}: {records[j][-1].get('JobState')} {records[j][-1].get('ExitCode')} ({jobs[j]})"
                 for j in jobs if records.get(j) and records[j][-1].get("JobState") != "COMPLETED"]
-    return dict(arm=arm, jobs=count, states=dict(states), exits=dict(exits), requeues=dict(requeues),
-                crash_decisions=dict(crash_decisions), failures=failures, seconds=time.monotonic() - started)
+    return {"arm": arm, "jobs": count, "states": dict(states), "exits": dict(exits), "requeues": dict(requeues),
+                "crash_decisions": dict(crash_decisions), "failures": failures, "seconds": time.monotonic() - started}
 
 
 def section(results: list[dict], argv: Sequence[str]) -> str:

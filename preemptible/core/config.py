@@ -17,6 +17,7 @@ from preemptible.core.environment import JobEnvironment
 from preemptible.core.requeue import BACKENDS, RequeueBackend
 from preemptible.core.signals import DEFAULT_SIGNALS, parse_signal
 from preemptible.core.store import CHECKSUMS
+from preemptible.core.watchdog import DEFAULT_PEER_TIMEOUT
 
 #: Requeues a run may use unless ``max_requeues`` or ``$PREEMPTIBLE_MAX_REQUEUES`` says otherwise.
 DEFAULT_MAX_REQUEUES = 50
@@ -68,6 +69,10 @@ class SessionConfig:
             Lightning's own per-batch SIGTERM broadcast, which it replaces, so it adds no collective;
             raising N removes even that one from most batches (the stop then comes up to 2 N steps
             after the signal instead of 1-2), which shows only on steps of a few milliseconds.
+        peer_timeout: under DDP, seconds without a heartbeat from a peer rank (dead without warning,
+            or frozen) after which every rank leaves with exit code 145 (``CRASH_EXIT_CODE``) instead of
+            waiting out the collective timeout; each rank is gone within ``4/3 * peer_timeout``
+            (:mod:`preemptible.core.watchdog`). Default: ``$PREEMPTIBLE_PEER_TIMEOUT``, else 60; 0 turns it off.
 
     Example::
 
@@ -90,6 +95,7 @@ class SessionConfig:
     async_save: bool = True
     deadline: Union[bool, float, None] = True
     agree_every_n_steps: int = 1
+    peer_timeout: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -135,6 +141,15 @@ class SessionConfig:
             raise ValueError(f"every_n_steps={self.every_n_steps} must be >= 1 (or None)")
         if self.every_n_minutes is not None and self.every_n_minutes <= 0:
             raise ValueError(f"every_n_minutes={self.every_n_minutes} must be > 0 (or None)")
+        if self.peer_timeout is None:
+            from_env = JobEnvironment.from_env().peer_timeout
+            try:
+                self.peer_timeout = DEFAULT_PEER_TIMEOUT if from_env is None else float(from_env)
+            except ValueError:
+                raise ValueError(f"PREEMPTIBLE_PEER_TIMEOUT={from_env!r} is not a number of seconds; set it to e.g. 60, "
+                                 "0 to turn the peer watchdog off, or unset it") from None
+        if self.peer_timeout < 0:
+            raise ValueError(f"peer_timeout={self.peer_timeout} must be >= 0 seconds (0 turns the peer watchdog off)")
         if self.agree_every_n_steps < 1:
             raise ValueError(f"agree_every_n_steps={self.agree_every_n_steps} must be >= 1")
         if not isinstance(self.deadline, (bool, int, float)) and self.deadline is not None:

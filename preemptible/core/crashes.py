@@ -46,28 +46,17 @@ from preemptible.core.schema import (
     RunStatus,
     read_events,
 )
+from preemptible.core.watchdog import is_peer_loss_error
 
 #: Crash requeues a run may use unless ``max_crash_requeues`` or ``$PREEMPTIBLE_MAX_CRASH_REQUEUES`` says otherwise.
 DEFAULT_MAX_CRASH_REQUEUES = 3
 
-# What a collective's error says when the other end went away (gloo, NCCL, the TCP store): a peer's crash
-# seen from a survivor, not a bug of the training code.
-_PEER_MARKERS = ("connection reset by peer", "connection closed by peer", "gloo/transport", "broken pipe",
-                 "nccl communicator was aborted", "ncclremoteerror", "socket timeout", "timed out",
-                 "watchdog", "connection refused", "process group")
-_PEER_TYPES = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")
-
-
 def failure_kind(exception: BaseException) -> str:
-    """:attr:`FailureKind.PEER` for a collective that failed because another rank died or froze, else USER."""
-    names = {cls.__name__ for cls in type(exception).__mro__}
-    if names & set(_PEER_TYPES):
-        return FailureKind.PEER
-    if isinstance(exception, RuntimeError):
-        text = str(exception).lower()
-        if any(marker in text for marker in _PEER_MARKERS):
-            return FailureKind.PEER
-    return FailureKind.USER
+    """:attr:`FailureKind.PEER` for a collective that failed because another rank died or froze, else USER.
+
+    One rule with the peer watchdog: :func:`preemptible.core.watchdog.is_peer_loss_error`.
+    """
+    return FailureKind.PEER if is_peer_loss_error(exception) else FailureKind.USER
 
 
 def crash_limit(record: dict[str, Any], env: JobEnvironment) -> int:

@@ -20,6 +20,8 @@ variable                                  field
 ``PREEMPTIBLE_SIGNAL_LEAD``               :attr:`~JobEnvironment.signal_lead` (set by the sbatch templates)
 ``PREEMPTIBLE_PROGRESS_INTERVAL``         :attr:`~JobEnvironment.progress_interval` (seconds, default 1)
 ``PREEMPTIBLE_PROGRESS_EVENT_SECONDS``    :attr:`~JobEnvironment.progress_event_seconds` (default 30)
+``PREEMPTIBLE_PEER_TIMEOUT``              :attr:`~JobEnvironment.peer_timeout` (seconds; 0 turns the watchdog off)
+``PREEMPTIBLE_INJECT``                    :attr:`~JobEnvironment.inject` (testing: faults, see ``core/inject.py``)
 ========================================  ====================================================
 """
 
@@ -52,6 +54,8 @@ class JobEnvironment:
     max_crash_requeues: str | None = None  # as written, like max_requeues
     #: the batch shell of our templates requeues the job itself after the step when the ranks cannot
     shell_requeues: bool = False
+    peer_timeout: str | None = None  # as written: SessionConfig parses it, with a clear error, when it is used
+    inject: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "JobEnvironment":
@@ -74,6 +78,8 @@ class JobEnvironment:
             progress_event_seconds=_float(env.get("PREEMPTIBLE_PROGRESS_EVENT_SECONDS"), 30.0) or 0.0,
             max_crash_requeues=env.get("PREEMPTIBLE_MAX_CRASH_REQUEUES") or None,
             shell_requeues=env.get("PREEMPTIBLE_SHELL_REQUEUES") == "1",
+            peer_timeout=env.get("PREEMPTIBLE_PEER_TIMEOUT") or None,
+            inject=env.get("PREEMPTIBLE_INJECT") or None,
         )
 
     @property

@@ -41,6 +41,8 @@ class Event:
     FAILURE = "failure"  #: any rank whose training raised an exception (kind: see :class:`FailureKind`)
     CRASH = "crash"  #: the supervisor (batch shell, ``preemptible run``, submitit task): what it decided after
     #: an attempt that ended with neither 0 nor the requeue code (rank :data:`SUPERVISOR_RANK`)
+    PEER_LOST = "peer_lost"  #: every rank that leaves because another rank died or froze (core/watchdog.py)
+    FAULT_INJECTED = "fault_injected"  #: a rank about to do a testing fault to itself (core/inject.py)
 
 
 #: Fields every event has, written by the journal itself.
@@ -65,6 +67,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     Event.FINISH: ("step",),
     Event.FAILURE: ("step", "kind", "error"),
     Event.CRASH: ("exit_code", "step", "checkpoint_step", "decision", "detail"),
+    Event.PEER_LOST: ("lost_rank", "how", "seconds_silent", "code", "step"),
+    Event.FAULT_INJECTED: ("action", "step"),
 }
 
 #: The ``rank`` of events written by a supervisor (the batch shell's decision, ``preemptible run``), not a rank.

@@ -29,6 +29,7 @@ from preemptible.core.config import SessionConfig
 from preemptible.core.crashes import failure_kind
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.exit import Preempted, RequeueLimitReached
+from preemptible.core.inject import FaultPlan, fire, parse_faults
 from preemptible.core.lock import RunLock, RunLockedError
 from preemptible.core.policy import (
     PendingStop,
@@ -50,8 +51,10 @@ from preemptible.core.schema import (
     RunRecordKey,
     RunStatus,
 )
+from preemptible.core.shared import check_run_dir_shared
 from preemptible.core.signals import SignalRecorder
 from preemptible.core.store import StoredCheckpoint
+from preemptible.core.watchdog import WATCHDOG_DIR, PeerLoss, PeerState, PeerWatchdog, is_peer_loss_error, leave_bound
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,11 @@ class PreemptionSession:
         self._start_step = self._last_step = -1
         self._last_progress_event = time.monotonic()
         self._signal_logged = False
+        self._watchdog: Optional[PeerWatchdog] = None
+        self._faults: Optional[FaultPlan] = None  # testing faults (PREEMPTIBLE_INJECT); None: one cheap check per step
+        #: Called (on the watchdog's thread) right before a rank leaves because a peer was lost; an adapter
+        #: adds what must happen first (the Lightning one stops its launcher from killing this process).
+        self.on_peer_lost: list[Callable[[], None]] = []
         self.active = False
         self.signals.install()
 
@@ -133,6 +141,9 @@ class PreemptionSession:
         self._take_lock()
         if world_size > 1:
             procgroup.release_at_exit()  # else the gloo group may abort the finished process at exit (exit 134)
+            token = check_run_dir_shared(self.run.path, self.agreement, rank)  # before any training
+            self._start_watchdog(token)
+        self._faults = FaultPlan(parse_faults(self.env.inject), rank, self.env.restart_count) or None
         self.signals.install()
 
     def start(self, checkpoint: Optional[str | Path]) -> None:
@@ -198,6 +209,8 @@ class PreemptionSession:
             # After this boundary's vote: a signal sent on seeing step N in progress.json is looked at from
             # step N + 1 on, never sometimes at N (the simulator and the tests preempt "at step N" by it).
             self._report_progress(step, epoch, now)
+        if self._faults is not None:
+            self._inject(step)
         if waited:
             self._act(decided, snapshot, step, epoch)
         elif not decided:
@@ -300,6 +313,7 @@ class PreemptionSession:
             self._lock.release()
         if not isinstance(exception, LEAVING):
             procgroup.keep_at_exit()  # a collective may still wait for a peer that is gone
+        self._watchdog_after(exception)
         if isinstance(exception, LEAVING):
             self.signals.ignore_from_now_on()
             return dict.fromkeys(self.signals.signals, signal.SIG_IGN)
@@ -315,6 +329,8 @@ class PreemptionSession:
         report a background write that failed (last, so that a warning turned into an error skips nothing)."""
         self.active = False
         self.background.wait()
+        if self._watchdog is not None:
+            self._watchdog.stop()
         self.agreement.close()
         self.signals.restore()
         if self._lock is not None:
@@ -329,6 +345,46 @@ class PreemptionSession:
         or plain-loop script) may call this at its end instead. Returns whether there was a group.
         """
         return procgroup.release_process_groups()
+
+    # -- crashes without warning (core/watchdog.py) and faults on purpose (core/inject.py) ------------------
+    def _start_watchdog(self, token: str) -> None:
+        timeout = float(self.config.peer_timeout or 0.0)
+        if timeout > 0:
+            self._watchdog = PeerWatchdog(self.run.path / WATCHDOG_DIR, self.rank, self.world_size, token, timeout,
+                                          on_loss=self._peer_lost)
+            self._watchdog.start()
+
+    def _peer_lost(self, loss: PeerLoss) -> None:
+        """On the watchdog's thread, right before this process ends with ``loss.exit_code``."""
+        print(f"preemptible: rank {self.rank}: rank {loss.rank} {loss.how} (no heartbeat for {loss.seconds_silent:.1f} s); "
+              f"leaving with exit code {loss.exit_code}" + (" (crash: start again from the newest checkpoint)"
+                                                            if loss.exit_code != 1 else ""), flush=True)
+        self.run.journal.append(Event.PEER_LOST, lost_rank=loss.rank, how=loss.how, code=loss.exit_code,
+                                seconds_silent=round(loss.seconds_silent, 2), step=self._last_step)
+        for hook in self.on_peer_lost:
+            hook()
+
+    def _watchdog_after(self, exception: BaseException) -> None:
+        watchdog = self._watchdog
+        if watchdog is None:
+            return
+        if isinstance(exception, LEAVING):
+            watchdog.stop()
+        elif is_peer_loss_error(exception):
+            # A collective failed because a peer went away: the watchdog says how (and then ends this
+            # process with the crash code), unless the peer failed by an error of its own (then: this one).
+            loss = watchdog.wait_for_verdict(leave_bound(watchdog.timeout) + watchdog.interval)
+            if loss is None:
+                watchdog.mark(PeerState.FAILED)
+        else:
+            watchdog.mark(PeerState.FAILED)  # a bug here: the others fail too, and nobody asks for a retry
+
+    def _inject(self, step: int) -> None:
+        assert self._faults is not None
+        fault = self._faults.due(step)
+        if fault is not None:
+            self.run.journal.append(Event.FAULT_INJECTED, action=fault.action, step=step)
+            fire(fault)
 
     # -- internals -------------------------------------------------------------------------------------
     def _journal_failure(self, exception: BaseException) -> None:

@@ -153,6 +153,7 @@ class PreemptionCallback(Callback):
             # own SIGTERM flag could only carry 0. Our votes are reduced in its slot instead (one blocking
             # collective per batch either way); otherwise they go in a reduction of their own.
             session.agreement.deferred = hooks.replace_lightning_sigterm_broadcast(trainer, session.agreement.reduce_pending)
+        session.on_peer_lost.append(hooks.stop_child_observer)  # the watchdog's exit code, not Lightning's SIGKILL
         self._snapshot = LightningSnapshot(trainer, lambda: self._rank_state(trainer))
         self._validation_due = lambda: hooks.validation_due(trainer)  # made once, not per batch
         session.start(checkpoint=ckpt)
