@@ -39,7 +39,8 @@ BEGIN, END = "<!-- cluster-jobs:begin -->", "<!-- cluster-jobs:end -->"
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 ARMS: dict[str, dict[str, object]] = {
     "finish": {"max_steps": 8},
-    "crash": {"max_steps": 12, "every_n_steps": 4, "sync_periodic": True, "signal_at": ["6"], "signal_rank": 1, "signal_name": "KILL"},
+    "crash": {"max_steps": 12, "every_n_steps": 4, "sync_periodic": True, "signal_at": ["6"], "signal_rank": 1,
+              "signal_name": "KILL"},
 }
 _FIELD = re.compile(r"(\w+)=(\S*)")
 
