@@ -141,6 +141,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--jobs", type=int, default=50, help="jobs per arm (default 50)")
+    p.add_argument("--crash-jobs", type=int, default=None, help="jobs of the crash arm (default: --jobs)")
     p.add_argument("--arms", default="finish,crash", help=f"comma-separated: {', '.join(ARMS)}")
     p.add_argument("--timeout", type=float, default=3600, help="seconds to wait for an arm's jobs (then they are cancelled)")
     p.add_argument("--slurm-dir", type=Path, default=Path(os.environ.get("PREEMPTIBLE_SLURM_DIR", "/tmp/preemptible-slurm")))
@@ -153,7 +154,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for arm in filter(None, args.arms.split(",")):
             if arm not in ARMS:
                 raise SystemExit(f"unknown arm {arm!r}: use {', '.join(ARMS)}")
-            result = run_arm(arm, args.jobs, Path(tmp), args.slurm_dir / "jobcomp.log", args.timeout)
+            count = args.crash_jobs if arm == "crash" and args.crash_jobs is not None else args.jobs
+            result = run_arm(arm, count, Path(tmp), args.slurm_dir / "jobcomp.log", args.timeout)
             print(result, flush=True)
             results.append(result)
     write_section(section(results, argv), args.out)
