@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch first and pinned again on every later pip call: an unpinned resolution can pull a multi-GB CUDA build.
 TORCH := torch==2.13.0
 
-.PHONY: demo test lint venv cluster cluster-stop bench faults clean
+.PHONY: demo test lint venv cluster cluster-stop bench faults cluster-jobs clean
 
 $(BIN)/preemptible: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,10 @@ bench: venv
 # Fault-injection campaign (SIGKILL mid-write, damaged files, disk full, ...) -> benchmarks/FAULTS.md
 faults: venv
 	$(BIN)/python benchmarks/faults.py
+
+# Final states of many short 2-rank jobs on the local two-node cluster (make cluster first) -> benchmarks/FAULTS.md
+cluster-jobs: venv
+	$(BIN)/python benchmarks/cluster_jobs.py --jobs 50
 
 cluster: venv
 	bash docker/slurm/cluster.sh start --nodes 2

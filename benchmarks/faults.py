@@ -364,6 +364,11 @@ def write_report(tallies: Sequence[Tally], args: argparse.Namespace, seconds: fl
         "loss. Network filesystems (NFS, Lustre) are not exercised here.",
         "",
     ]
+    # The cluster-jobs section (benchmarks/cluster_jobs.py) is written by its own run: keep it.
+    old = path.read_text() if path.exists() else ""
+    begin, end = "<!-- cluster-jobs:begin -->", "<!-- cluster-jobs:end -->"
+    if begin in old and end in old:
+        lines += [begin + old.split(begin, 1)[1].split(end, 1)[0] + end, ""]
     path.write_text("\n".join(lines))
 
 

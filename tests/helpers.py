@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from preemptible.core.schema import read_trace
+from preemptible.core.schema import read_trace, trace_key
 from preemptible.examples.train import options_to_argv
 
 PYTHON = sys.executable
@@ -42,6 +42,30 @@ def assert_same_as_reference(record: Path, reference: Path) -> int:
                         f"{got[differ[0]]} vs {want[differ[0]]}")
     assert got_final and got_final == want_final, f"final weights differ: {got_final} vs {want_final}"
     return len(want)
+
+
+def assert_same_after_crash(record: Path, reference: Path, resumed_at: dict[int, int]) -> int:
+    """A run that crashed and resumed from a periodic checkpoint: every loss (also those of the steps the
+    crashed attempt trained past its checkpoint, which are trained again) and the final weights are
+    bitwise those of the uninterrupted run; nothing skipped; attempt ``a`` trained nothing at or before
+    the step ``resumed_at[a]`` it resumed from, and started right after it.
+
+    Returns the number of compared losses.
+    """
+    trace, want = read_trace(record), read_trace(reference)
+    want_loss = {key: entry["loss"] for key, entry in want.entries.items()}
+    for entry in trace.lines:
+        key = trace_key(entry)
+        assert key in want_loss, f"a batch the reference never trained: {key}"
+        assert entry["loss"] == want_loss[key], (f"attempt {entry['attempt']}: the loss at {key} differs from the "
+                                                 f"uninterrupted run: {entry['loss']} vs {want_loss[key]}")
+    missing = sorted(set(want_loss) - {trace_key(e) for e in trace.lines})
+    assert not missing, f"batches never trained (skipped after resume): {missing[:5]}"
+    for attempt, step in resumed_at.items():
+        steps = [e["step"] for e in trace.lines if e["attempt"] == attempt and e["kind"] == "train"]
+        assert steps and min(steps) == step + 1, f"attempt {attempt} trained steps {steps[:3]}..., not from {step + 1}"
+    assert trace.final and trace.final == want.final, f"final weights differ: {trace.final} vs {want.final}"
+    return len(want_loss)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ examples:
   # preempt twice: at step 10 in the first attempt and at step 25 in the second
   preemptible run --run-dir runs/exp1 --preempt-at-step 10 --preempt-at-step 25 -- python train.py
 
-The command is relaunched while it exits with {REQUEUE_EXIT_CODE} (preemptible.REQUEUE_EXIT_CODE).
+The command is relaunched while it exits with {REQUEUE_EXIT_CODE} (preemptible.REQUEUE_EXIT_CODE), and after a
+crash (killed by a signal, no error recorded by the training code) from its newest checkpoint, at most
+max_crash_requeues times and never after two crashes in a row without a new checkpoint (--no-crash-restart: never).
 Ctrl-C (or SIGTERM to this command) asks the run to checkpoint and stop: no relaunch after it
 (Ctrl-C twice kills it without a checkpoint). Running the same command again resumes.
 """
@@ -41,6 +43,8 @@ def register(sub: Any) -> None:
     p.add_argument("--max-restarts", type=int, default=10, metavar="K", help="relaunch at most K times (default 10)")
     p.add_argument("--run-dir", default=None,
                    help="run directory (exported as PREEMPTIBLE_RUN_DIR); needed for --preempt-at-step")
+    p.add_argument("--no-crash-restart", action="store_true",
+                   help="do not relaunch an attempt that crashed (by default it resumes from its newest checkpoint)")
     p.add_argument("--timeout", type=float, default=3600, help="kill an attempt that runs longer than this (seconds)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     p.set_defaults(func=run_command)
@@ -67,7 +71,7 @@ def run_command(args: argparse.Namespace) -> int:
             status.update(f"attempt {attempt}: {step}")
 
         supervisor = LocalSupervisor(command, run_dir=args.run_dir, plan=plan, max_restarts=args.max_restarts,
-                                     timeout=args.timeout, on_tick=tick,
+                                     timeout=args.timeout, on_tick=tick, crash_restarts=not args.no_crash_restart,
                                      on_event=lambda line: console.print(f"[bold cyan]preemptible run[/]: {line}"))
         summary = supervisor.run()
     console.print(summary_table(summary))

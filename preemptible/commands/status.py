@@ -76,7 +76,8 @@ def summary_table(info: RunInfo) -> Any:
         ("attempts", str(len(info.attempts))),
         ("preemptions", str(info.preemptions) + (f" ({len(info.interruptions) - info.preemptions} other interruptions)"
                                                   if len(info.interruptions) > info.preemptions else "")),
-        ("requeues (run.json)", _fmt(info.requeues)),
+        ("requeues (run.json)", _fmt(info.requeues) + (f", {info.record['crash_requeues']} after a crash"
+                                                       if info.record.get("crash_requeues") else "")),
         ("steps lost", str(info.steps_lost)),
         ("time lost", format_duration(info.time_lost_seconds)),
         ("goodput", "-" if g.goodput is None else f"{g.goodput:.1%} of {format_duration(g.wall_seconds)} wall time"),

@@ -12,10 +12,12 @@ import signal
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
+from preemptible.core.crashes import DEFAULT_MAX_CRASH_REQUEUES
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.requeue import BACKENDS, RequeueBackend
 from preemptible.core.signals import DEFAULT_SIGNALS, parse_signal
 from preemptible.core.store import CHECKSUMS
+from preemptible.core.watchdog import DEFAULT_PEER_TIMEOUT
 
 #: Requeues a run may use unless ``max_requeues`` or ``$PREEMPTIBLE_MAX_REQUEUES`` says otherwise.
 DEFAULT_MAX_REQUEUES = 50
@@ -36,6 +38,11 @@ class SessionConfig:
         max_requeues: how many requeues the run may use (counted from ``SLURM_RESTART_COUNT`` and the
             run's own record). Past it the checkpoint is still written, and the process exits with code 1
             and a message saying so. Default: ``$PREEMPTIBLE_MAX_REQUEUES``, else 50.
+        max_crash_requeues: how many times a run that *crashed* (a rank killed by a signal or the OOM killer,
+            a lost node; not an exception of the training code) is requeued by its supervisor (the sbatch
+            templates' batch shell, ``preemptible run``, the submitit task), counted apart from ``max_requeues``.
+            A second crash in a row without a new checkpoint stops the run earlier (see :mod:`preemptible.core.crashes`).
+            Default: ``$PREEMPTIBLE_MAX_CRASH_REQUEUES``, else 3.
         keep: committed checkpoints to keep (at least 2; never the one the run resumed from).
         verify: ``"checksum"`` (default) checks size and checksum of a checkpoint before resuming from it,
             ``"size"`` only its size (``"sha256"``, the name of 0.1.0, means ``"checksum"``).
@@ -62,6 +69,10 @@ class SessionConfig:
             Lightning's own per-batch SIGTERM broadcast, which it replaces, so it adds no collective;
             raising N removes even that one from most batches (the stop then comes up to 2 N steps
             after the signal instead of 1-2), which shows only on steps of a few milliseconds.
+        peer_timeout: under DDP, seconds without a heartbeat from a peer rank (dead without warning,
+            or frozen) after which every rank leaves with exit code 145 (``CRASH_EXIT_CODE``) instead of
+            waiting out the collective timeout; each rank is gone within ``4/3 * peer_timeout``
+            (:mod:`preemptible.core.watchdog`). Default: ``$PREEMPTIBLE_PEER_TIMEOUT``, else 60; 0 turns it off.
 
     Example::
 
@@ -72,6 +83,7 @@ class SessionConfig:
     signals: Iterable[SignalSpec] = DEFAULT_SIGNALS
     requeue: Union[str, RequeueBackend] = "auto"
     max_requeues: Optional[int] = None
+    max_crash_requeues: Optional[int] = None
     keep: int = 2
     verify: str = "checksum"
     checksum: str = "crc32"
@@ -83,6 +95,7 @@ class SessionConfig:
     async_save: bool = True
     deadline: Union[bool, float, None] = True
     agree_every_n_steps: int = 1
+    peer_timeout: Optional[float] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -108,6 +121,18 @@ class SessionConfig:
                 except ValueError:
                     raise ValueError(f"PREEMPTIBLE_MAX_REQUEUES={from_env!r} is not a whole number; set it to e.g. 50, "
                                      "unset it, or pass max_requeues=") from None
+        if self.max_crash_requeues is None:
+            from_env = JobEnvironment.from_env().max_crash_requeues
+            if from_env is None:
+                self.max_crash_requeues = DEFAULT_MAX_CRASH_REQUEUES
+            else:
+                try:
+                    self.max_crash_requeues = int(from_env)
+                except ValueError:
+                    raise ValueError(f"PREEMPTIBLE_MAX_CRASH_REQUEUES={from_env!r} is not a whole number; set it to e.g. "
+                                     "3, unset it, or pass max_crash_requeues=") from None
+        if self.max_crash_requeues < 0:
+            raise ValueError(f"max_crash_requeues={self.max_crash_requeues} must be >= 0")
         if self.max_requeues < 0:
             raise ValueError(f"max_requeues={self.max_requeues} must be >= 0")
         if self.keep < 2:
@@ -116,6 +141,15 @@ class SessionConfig:
             raise ValueError(f"every_n_steps={self.every_n_steps} must be >= 1 (or None)")
         if self.every_n_minutes is not None and self.every_n_minutes <= 0:
             raise ValueError(f"every_n_minutes={self.every_n_minutes} must be > 0 (or None)")
+        if self.peer_timeout is None:
+            from_env = JobEnvironment.from_env().peer_timeout
+            try:
+                self.peer_timeout = DEFAULT_PEER_TIMEOUT if from_env is None else float(from_env)
+            except ValueError:
+                raise ValueError(f"PREEMPTIBLE_PEER_TIMEOUT={from_env!r} is not a number of seconds; set it to e.g. 60, "
+                                 "0 to turn the peer watchdog off, or unset it") from None
+        if self.peer_timeout < 0:
+            raise ValueError(f"peer_timeout={self.peer_timeout} must be >= 0 seconds (0 turns the peer watchdog off)")
         if self.agree_every_n_steps < 1:
             raise ValueError(f"agree_every_n_steps={self.agree_every_n_steps} must be >= 1")
         if not isinstance(self.deadline, (bool, int, float)) and self.deadline is not None:

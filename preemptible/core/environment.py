@@ -15,12 +15,16 @@ variable                                  field
 ``PREEMPTIBLE_ATTEMPT``                   :attr:`~JobEnvironment.local_attempt` (set by ``preemptible run``)
 ``PREEMPTIBLE_RUN_DIR``                   :attr:`~JobEnvironment.run_dir`
 ``PREEMPTIBLE_MAX_REQUEUES``              :attr:`~JobEnvironment.max_requeues`
+``PREEMPTIBLE_MAX_CRASH_REQUEUES``        :attr:`~JobEnvironment.max_crash_requeues`
+``PREEMPTIBLE_SHELL_REQUEUES``            :attr:`~JobEnvironment.shell_requeues` (``1``: set by the sbatch templates)
 ``PREEMPTIBLE_SIGNAL_LEAD``               :attr:`~JobEnvironment.signal_lead` (set by the sbatch templates)
 ``PREEMPTIBLE_PROGRESS_INTERVAL``         :attr:`~JobEnvironment.progress_interval` (seconds, default 1)
 ``PREEMPTIBLE_PROGRESS_EVENT_SECONDS``    :attr:`~JobEnvironment.progress_event_seconds` (default 30)
 ``PREEMPTIBLE_STOP_REQUEST``              :attr:`~JobEnvironment.stop_request` (set by ``preemptible run``)
 ``TORCHELASTIC_RUN_ID``                   :attr:`~JobEnvironment.torchelastic_run_id` (set by torchrun for its workers)
 ``TORCHELASTIC_SIGNALS_TO_HANDLE``        :attr:`~JobEnvironment.torchelastic_signals` (torchrun's ``--signals-to-handle``)
+``PREEMPTIBLE_PEER_TIMEOUT``              :attr:`~JobEnvironment.peer_timeout` (seconds; 0 turns the watchdog off)
+``PREEMPTIBLE_INJECT``                    :attr:`~JobEnvironment.inject` (testing: faults, see ``core/inject.py``)
 ========================================  ====================================================
 """
 
@@ -54,6 +58,11 @@ class JobEnvironment:
     stop_request: str | None = None
     torchelastic_run_id: str | None = None
     torchelastic_signals: str | None = None  # as torchrun exported it ("SIGTERM,SIGINT,..."); None: not exported
+    max_crash_requeues: str | None = None  # as written, like max_requeues
+    #: the batch shell of our templates requeues the job itself after the step when the ranks cannot
+    shell_requeues: bool = False
+    peer_timeout: str | None = None  # as written: SessionConfig parses it, with a clear error, when it is used
+    inject: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "JobEnvironment":
@@ -77,6 +86,10 @@ class JobEnvironment:
             stop_request=env.get("PREEMPTIBLE_STOP_REQUEST") or None,
             torchelastic_run_id=env.get("TORCHELASTIC_RUN_ID") or None,
             torchelastic_signals=env.get("TORCHELASTIC_SIGNALS_TO_HANDLE"),
+            max_crash_requeues=env.get("PREEMPTIBLE_MAX_CRASH_REQUEUES") or None,
+            shell_requeues=env.get("PREEMPTIBLE_SHELL_REQUEUES") == "1",
+            peer_timeout=env.get("PREEMPTIBLE_PEER_TIMEOUT") or None,
+            inject=env.get("PREEMPTIBLE_INJECT") or None,
         )
 
     @property

@@ -79,3 +79,10 @@ class Cancelled(Preempted):
         where = f"at global step {self.step}" if self.step is not None else "before the first step"
         saved = f", checkpoint {self.checkpoint} kept" if self.checkpoint else ", nothing to save"
         return f"cancelled ({self.reason}) {where}{saved}; not requeued; exit code {self.code}"
+#: Exit code of a rank that left because another rank of the job died or froze without warning
+#: (SIGKILL, a segfault, an OOM kill, a hung device; see :mod:`preemptible.core.watchdog`). It means
+#: "crashed: start again from the newest committed checkpoint". Supervisors tell it apart from
+#: :data:`REQUEUE_EXIT_CODE` (a checkpoint was just taken for the requeue), from 1 (a real failure:
+#: do not retry) and from 128 + N (this process was killed by signal N). 145 is 128 + SIGCHLD, a
+#: signal that never kills, so no death by signal reads as this code.
+CRASH_EXIT_CODE: int = 145

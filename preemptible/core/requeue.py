@@ -39,6 +39,8 @@ class RequeueOutcome:
     backend: str
     requested: bool
     detail: str = ""
+    #: nothing was requested, but the batch shell of the sbatch templates will requeue after the step
+    delegated: bool = False
 
 
 class RequeueBackend:
@@ -69,7 +71,7 @@ class SubmititRequeue(RequeueBackend):
     def request(self, env: JobEnvironment) -> RequeueOutcome:
         inner = SlurmRequeue() if env.under_slurm else LocalRequeue()
         outcome = inner.request(env)
-        return RequeueOutcome(self.name, outcome.requested, f"{inner.name}: {outcome.detail}")
+        return RequeueOutcome(self.name, outcome.requested, f"{inner.name}: {outcome.detail}", outcome.delegated)
 
 
 class SlurmRequeue(RequeueBackend):
@@ -91,6 +93,11 @@ class SlurmRequeue(RequeueBackend):
         if not job:
             raise RequeueError("requeue='slurm' but SLURM_JOB_ID is not set: this process is not a SLURM job step")
         exe = shutil.which(self.scontrol)
+        if exe is None and env.shell_requeues:
+            # A container without SLURM's tools (pyxis/enroot, Apptainer): the batch shell of our templates runs
+            # outside it and requeues once the step has exited with the requeue code.
+            return RequeueOutcome(self.name, False, f"'{self.scontrol}' is not on PATH in this container: the batch "
+                                  "shell requeues the job after the step", delegated=True)
         if exe is None:
             raise RequeueError(
                 f"cannot requeue SLURM job {job}: '{self.scontrol}' is not on PATH. The checkpoint is committed; "

@@ -103,8 +103,12 @@ class RunDirectory:
         return record
 
     def requeues_so_far(self) -> int:
-        """Requeues already spent: the larger of SLURM's restart count and the run's own count."""
-        return max(self.env.restart_count, int(self.read_record().get("requeues", 0)))
+        """Requeues already spent: the larger of SLURM's restart count and the run's own count.
+
+        SLURM's count includes the requeues after a crash, which have their own budget (``crash_requeues``).
+        """
+        record = self.read_record()
+        return max(self.env.restart_count - int(record.get("crash_requeues", 0)), int(record.get("requeues", 0)))
 
 
 class ProgressFile:

@@ -39,6 +39,11 @@ class Event:
     REQUEUE = "requeue"  #: rank 0, what the requeue backend did
     EXIT = "exit"  #: every rank, leaving with an exit code after a stop
     FINISH = "finish"  #: rank 0, training reached its end
+    FAILURE = "failure"  #: any rank whose training raised an exception (kind: see :class:`FailureKind`)
+    CRASH = "crash"  #: the supervisor (batch shell, ``preemptible run``, submitit task): what it decided after
+    #: an attempt that ended with neither 0 nor the requeue code (rank :data:`SUPERVISOR_RANK`)
+    PEER_LOST = "peer_lost"  #: every rank that leaves because another rank died or froze (core/watchdog.py)
+    FAULT_INJECTED = "fault_injected"  #: a rank about to do a testing fault to itself (core/inject.py)
 
 
 #: Fields every event has, written by the journal itself.
@@ -62,7 +67,32 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     Event.REQUEUE: ("backend", "outcome", "detail", "error", "step"),
     Event.EXIT: ("code", "reason", "step"),
     Event.FINISH: ("step",),
+    Event.FAILURE: ("step", "kind", "error"),
+    Event.CRASH: ("exit_code", "step", "checkpoint_step", "decision", "detail"),
+    Event.PEER_LOST: ("lost_rank", "how", "seconds_silent", "code", "step"),
+    Event.FAULT_INJECTED: ("action", "step"),
 }
+
+#: The ``rank`` of events written by a supervisor (the batch shell's decision, ``preemptible run``), not a rank.
+SUPERVISOR_RANK = -1
+
+
+class FailureKind:
+    """Values of the ``kind`` field of :attr:`Event.FAILURE`."""
+
+    USER = "user"  #: an exception of the training code itself (deterministic: retrying repeats it)
+    PEER = "peer"  #: a collective failed because another rank died or vanished (a crash elsewhere)
+
+
+class CrashDecision:
+    """Values of the ``decision`` field of :attr:`Event.CRASH`."""
+
+    REQUEUE = "requeue"  #: a crash: start again from the newest checkpoint
+    FAILED = "failed"  #: a failure of the training code (or before the session started): final
+    CRASH_LOOP = "crash_loop"  #: a second crash in a row without a new checkpoint: final
+    CRASH_LIMIT = "crash_limit"  #: ``max_crash_requeues`` used up: final
+    CANCELLED = "cancelled"  #: the job is being cancelled (``scancel``): never requeued
+    SHELL_REQUEUE = "shell_requeue"  #: exit 144 and the ranks could not requeue: the batch shell does it
 
 #: Events that open an attempt.
 ATTEMPT_OPENERS = (Event.START, Event.RESUME)
@@ -75,6 +105,8 @@ class RequeueOutcomeName:
     NONE = "none"
     FAILED = "failed"
     LIMIT_REACHED = "limit_reached"
+    #: the ranks cannot requeue (no ``scontrol`` in the container) and the batch shell will, after the step
+    DELEGATED = "delegated"
 
 
 class StopCauseName:
@@ -139,6 +171,10 @@ class RunRecordKey:
     FINISHED_STEP = "finished_step"
     LAST_STOP_CAUSE = "last_stop_cause"  #: the :class:`StopCauseName` of the latest stop
     LOGGERS = "loggers"  #: ``"<index>:<LoggerClass>"`` → version (TensorBoard/CSV) or run id (W&B)
+    CRASH_REQUEUES = "crash_requeues"  #: requeues after a crash so far (counted apart from ``requeues``)
+    CRASHES_WITHOUT_PROGRESS = "crashes_without_progress"  #: crashes in a row with no new checkpoint between them
+    MAX_CRASH_REQUEUES = "max_crash_requeues"  #: the run's crash-requeue limit, for the supervisor to read
+    LAST_FAILURE = "last_failure"  #: the message of the final failure (crash loop, limit, user code)
 
 
 class RunStatus:
@@ -150,6 +186,10 @@ class RunStatus:
     REQUEUE_LIMIT = "requeue_limit"
     REQUEUE_FAILED = "requeue_failed"
     CANCELLED = "cancelled"  #: stopped on purpose (``scancel``, Ctrl-C): checkpoint kept, not requeued
+    FAILED = "failed"  #: the training code raised: final, not retried
+    CRASHED = "crashed"  #: the last attempt crashed and was requeued
+    CRASH_LOOP = "crash_loop"  #: crashed twice in a row without progress: stopped
+    CRASH_LIMIT = "crash_limit"  #: ``max_crash_requeues`` used up: stopped
 
 
 # ------------------------------------------------------------------------------------------------

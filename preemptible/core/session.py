@@ -23,13 +23,15 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from preemptible.core import cause as stop_cause
-from preemptible.core import votes
+from preemptible.core import procgroup, votes
 from preemptible.core.agreement import StopAgreement, make_agreement
 from preemptible.core.checkpointing import BackgroundWriter, Snapshot, save_checkpoint
 from preemptible.core.config import SessionConfig
+from preemptible.core.crashes import failure_kind
 from preemptible.core.elastic import warn_if_agent_drops_signals
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.exit import Cancelled, Preempted, RequeueLimitReached
+from preemptible.core.inject import FaultPlan, fire, parse_faults
 from preemptible.core.lock import RunLock, RunLockedError
 from preemptible.core.policy import (
     PendingStop,
@@ -46,12 +48,15 @@ from preemptible.core.schema import (
     REASON_FINISHED,
     REASON_PERIODIC,
     Event,
+    FailureKind,
     RequeueOutcomeName,
     RunRecordKey,
     RunStatus,
 )
+from preemptible.core.shared import check_run_dir_shared
 from preemptible.core.signals import SignalRecorder
 from preemptible.core.store import StoredCheckpoint
+from preemptible.core.watchdog import WATCHDOG_DIR, PeerLoss, PeerState, PeerWatchdog, is_peer_loss_error, leave_bound
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +100,11 @@ class PreemptionSession:
         self._signal_logged = False
         #: why the agreed stop happened and whether the run comes back (decided once, at the stop)
         self.verdict: Optional[stop_cause.StopVerdict] = None
+        self._watchdog: Optional[PeerWatchdog] = None
+        self._faults: Optional[FaultPlan] = None  # testing faults (PREEMPTIBLE_INJECT); None: one cheap check per step
+        #: Called (on the watchdog's thread) right before a rank leaves because a peer was lost; an adapter
+        #: adds what must happen first (the Lightning one stops its launcher from killing this process).
+        self.on_peer_lost: list[Callable[[], None]] = []
         self.active = False
         self.signals.install()
 
@@ -135,6 +145,11 @@ class PreemptionSession:
         self.run.journal.rank = rank
         self.agreement = make_agreement(world_size, every=self.config.agree_every_n_steps)
         self._take_lock()
+        if world_size > 1:
+            procgroup.release_at_exit()  # else the gloo group may abort the finished process at exit (exit 134)
+            token = check_run_dir_shared(self.run.path, self.agreement, rank)  # before any training
+            self._start_watchdog(token)
+        self._faults = FaultPlan(parse_faults(self.env.inject), rank, self.env.restart_count) or None
         self.signals.install()
 
     def start(self, checkpoint: Optional[str | Path]) -> None:
@@ -149,6 +164,7 @@ class PreemptionSession:
             run.journal.append(Event.RESUME if checkpoint else Event.START, checkpoint=str(checkpoint) if checkpoint else None,
                                world_size=self.world_size, attempt=self.env.restart_count, backend=self.backend.name)
             run.update_record(**{RunRecordKey.WORLD_SIZE: self.world_size, RunRecordKey.STATUS: RunStatus.RUNNING,
+                                 RunRecordKey.MAX_CRASH_REQUEUES: self.config.max_crash_requeues,
                                  RunRecordKey.ATTEMPTS: int(run.read_record().get(RunRecordKey.ATTEMPTS, 0)) + 1})
 
     def training_started(self, step: int, epoch: int, loaded: Optional[str | Path]) -> bool:
@@ -201,6 +217,8 @@ class PreemptionSession:
             # After this boundary's vote: a signal sent on seeing step N in progress.json is looked at from
             # step N + 1 on, never sometimes at N (the simulator and the tests preempt "at step N" by it).
             self._report_progress(step, epoch, now)
+        if self._faults is not None:
+            self._inject(step)
         if waited:
             self._act(decided, snapshot, step, epoch)
         elif not decided:
@@ -263,11 +281,13 @@ class PreemptionSession:
                 before_exit()
                 raise
             record = run.read_record()
+            counted = outcome.requested or outcome.delegated
             run.update_record(**{RunRecordKey.STATUS: RunStatus.PREEMPTED,
-                                 RunRecordKey.REQUEUES: int(record.get(RunRecordKey.REQUEUES, 0)) + int(outcome.requested),
+                                 RunRecordKey.REQUEUES: int(record.get(RunRecordKey.REQUEUES, 0)) + int(counted),
                                  RunRecordKey.LAST_PREEMPTED_STEP: step})
-            run.journal.append(Event.REQUEUE, backend=outcome.backend, detail=outcome.detail, step=step,
-                               outcome=RequeueOutcomeName.REQUESTED if outcome.requested else RequeueOutcomeName.NONE)
+            name = (RequeueOutcomeName.DELEGATED if outcome.delegated else
+                    RequeueOutcomeName.REQUESTED if outcome.requested else RequeueOutcomeName.NONE)
+            run.journal.append(Event.REQUEUE, backend=outcome.backend, detail=outcome.detail, step=step, outcome=name)
         preempted = Preempted(step=step, checkpoint=path, reason=stop.reason)
         run.journal.append(Event.EXIT, code=preempted.code, reason=stop.reason, step=step)
         print(f"preemptible: rank {self.rank} {preempted}", flush=True)
@@ -338,9 +358,15 @@ class PreemptionSession:
         self.active = False
         if self._lock is not None:
             self._lock.release()
+        if not isinstance(exception, LEAVING):
+            procgroup.keep_at_exit()  # a collective may still wait for a peer that is gone
+        self._watchdog_after(exception)
         if isinstance(exception, LEAVING):
             self.signals.ignore_from_now_on()
             return dict.fromkeys(self.signals.signals, signal.SIG_IGN)
+        # Journaled before the process exits, so that its supervisor can tell this failure (final: the
+        # training code would raise again) from a crash that leaves no trace (core/crashes.py).
+        self._journal_failure(exception)
         handlers = self.signals.previous_handlers()
         self.signals.restore()
         return handlers
@@ -350,13 +376,76 @@ class PreemptionSession:
         report a background write that failed (last, so that a warning turned into an error skips nothing)."""
         self.active = False
         self.background.wait()
+        if self._watchdog is not None:
+            self._watchdog.stop()
         self.agreement.close()
         self.signals.restore()
         if self._lock is not None:
             self._lock.release()
         self._report_background_failure()
 
+    def release_process_group(self) -> bool:
+        """Every rank, once no collective follows: destroy the ``torch.distributed`` groups now.
+
+        Otherwise this happens at interpreter exit (registered by :meth:`open` under DDP), which is
+        early enough against the gloo abort at exit; an adapter that owns the group's life (a Fabric
+        or plain-loop script) may call this at its end instead. Returns whether there was a group.
+        """
+        return procgroup.release_process_groups()
+
+    # -- crashes without warning (core/watchdog.py) and faults on purpose (core/inject.py) ------------------
+    def _start_watchdog(self, token: str) -> None:
+        timeout = float(self.config.peer_timeout or 0.0)
+        if timeout > 0:
+            self._watchdog = PeerWatchdog(self.run.path / WATCHDOG_DIR, self.rank, self.world_size, token, timeout,
+                                          on_loss=self._peer_lost)
+            self._watchdog.start()
+
+    def _peer_lost(self, loss: PeerLoss) -> None:
+        """On the watchdog's thread, right before this process ends with ``loss.exit_code``."""
+        print(f"preemptible: rank {self.rank}: rank {loss.rank} {loss.how} (no heartbeat for {loss.seconds_silent:.1f} s); "
+              f"leaving with exit code {loss.exit_code}" + (" (crash: start again from the newest checkpoint)"
+                                                            if loss.exit_code != 1 else ""), flush=True)
+        self.run.journal.append(Event.PEER_LOST, lost_rank=loss.rank, how=loss.how, code=loss.exit_code,
+                                seconds_silent=round(loss.seconds_silent, 2), step=self._last_step)
+        for hook in self.on_peer_lost:
+            hook()
+
+    def _watchdog_after(self, exception: BaseException) -> None:
+        watchdog = self._watchdog
+        if watchdog is None:
+            return
+        if isinstance(exception, LEAVING):
+            watchdog.stop()
+        elif is_peer_loss_error(exception):
+            # A collective failed because a peer went away: the watchdog says how (and then ends this
+            # process with the crash code), unless the peer failed by an error of its own (then: this one).
+            loss = watchdog.wait_for_verdict(leave_bound(watchdog.timeout) + watchdog.interval)
+            if loss is None:
+                watchdog.mark(PeerState.FAILED)
+        else:
+            watchdog.mark(PeerState.FAILED)  # a bug here: the others fail too, and nobody asks for a retry
+
+    def _inject(self, step: int) -> None:
+        assert self._faults is not None
+        fault = self._faults.due(step)
+        if fault is not None:
+            self.run.journal.append(Event.FAULT_INJECTED, action=fault.action, step=step)
+            fire(fault)
+
     # -- internals -------------------------------------------------------------------------------------
+    def _journal_failure(self, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) or self._run is None:
+            return
+        kind = failure_kind(exception)
+        try:
+            self._run.journal.append(Event.FAILURE, step=self._last_step, kind=kind,
+                                     error=f"{type(exception).__name__}: {exception}"[:500])
+            if self.is_global_zero and kind == FailureKind.USER:
+                self._run.update_record(**{RunRecordKey.STATUS: RunStatus.FAILED})
+        except OSError as exc:  # the original error matters more than its journal line
+            log.warning("preemptible: could not journal the failure: %s", exc)
+
     def _journal_signal(self, step: int) -> None:
         """Every rank that received a signal journals it once, at the first point it looks (never in the handler)."""
         note = self.signals.note

@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="testing: the process sends itself SIGUSR1 at POINT ('N', 'N+' or 'vN', see "
                         "preemptible.tools.testing.SignalAtStep); repeat for later attempts")
     p.add_argument("--signal-rank", type=int, action="append", default=None, help="testing: only this rank signals itself")
+    p.add_argument("--signal-name", default="USR1",
+                   help="testing: the signal --signal-at sends (KILL: a crash without warning, STOP: a frozen rank)")
+    p.add_argument("--fail-at-step", type=int, default=None, metavar="N",
+                   help="testing: raise an error in the training code once global step N is done (a deterministic bug)")
+    p.add_argument("--max-crash-requeues", type=int, default=None)
     p.add_argument("--requeue", default="auto")
     p.add_argument("--loggers", default="", help="comma-separated: tensorboard,csv,wandb (written under --log-dir)")
     p.add_argument("--log-dir", default="logs")
@@ -83,7 +88,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     deadline = time.time() + args.deadline_in if args.deadline_in is not None else True
     cb = PreemptionCallback(run_dir=args.run_dir, requeue=args.requeue, max_requeues=args.max_requeues,
                             every_n_steps=args.every_n_steps, every_n_minutes=args.every_n_minutes,
-                            async_save=not args.sync_periodic, deadline=deadline)
+                            async_save=not args.sync_periodic, deadline=deadline,
+                            max_crash_requeues=args.max_crash_requeues)
     if args.no_ckpt_path:  # the callback finds the checkpoint itself; the script only peeks (read-only) at it
         found = latest_checkpoint(cb.run_dir)
         resume = str(found) if found else None
@@ -102,7 +108,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.record:
         callbacks.append(StepRecorder(args.record))
     if args.signal_at:
-        callbacks.append(SignalAtStep(args.signal_at, ranks=args.signal_rank))
+        from preemptible.core.signals import parse_signal
+
+        callbacks.append(SignalAtStep(args.signal_at, signum=parse_signal(args.signal_name), ranks=args.signal_rank))
+    if args.fail_at_step is not None:
+        callbacks.append(_failing_callback(pl, args.fail_at_step))
     if args.hold_for_signal or args.hold_until_exists:
         callbacks.append(_hold_callback(pl, args.hold_for_signal or [], args.hold_until_exists))
     data = BlobsData(samples=args.samples, batch_size=args.batch_size, num_workers=args.num_workers,
@@ -176,6 +186,16 @@ def _hold_callback(pl: Any, points: Sequence[str], path: str | None) -> Any:
                 wait(target, lambda: os.path.exists(target))
 
     return Hold()
+
+
+def _failing_callback(pl: Any, step: int) -> Any:
+    """Testing: a bug in the training code, raised on every rank once ``step`` is trained (every attempt)."""
+    class Fail(pl.Callback):
+        def on_train_batch_end(self, trainer: "pl.Trainer", *args: Any, **kwargs: Any) -> None:
+            if trainer.global_step == step:
+                raise ValueError(f"example: a bug in the training code at step {step}")
+
+    return Fail()
 
 
 def _loggers(args: argparse.Namespace) -> list[Any]:

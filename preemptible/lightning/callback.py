@@ -94,6 +94,7 @@ class PreemptionCallback:
         async_save: bool = True,
         deadline: Union[bool, float, None] = True,
         agree_every_n_steps: int = 1,
+        max_crash_requeues: Optional[int] = None,
     ) -> None:
         """Set up the run's session; signals are recorded from here on.
 
@@ -117,6 +118,8 @@ class PreemptionCallback:
             deadline: true: read the job's end time from SLURM and stop before it; a number: a fixed end
                 time (unix seconds); false: off.
             agree_every_n_steps: under DDP, reduce the ranks' stop votes only every N steps.
+            max_crash_requeues: requeues after a crash without warning (a killed rank, a lost node), counted
+                apart from max_requeues (default: $PREEMPTIBLE_MAX_CRASH_REQUEUES, else 3).
         """
         super().__init__()
         self.config = SessionConfig(
@@ -124,7 +127,7 @@ class PreemptionCallback:
             checksum=checksum, exact_data=exact_data, save_on_finish=save_on_finish,
             allow_world_size_change=allow_world_size_change, every_n_steps=every_n_steps,
             every_n_minutes=every_n_minutes, async_save=async_save, deadline=deadline,
-            agree_every_n_steps=agree_every_n_steps)
+            agree_every_n_steps=agree_every_n_steps, max_crash_requeues=max_crash_requeues)
         self.session = PreemptionSession(self.config, JobEnvironment.from_env())  # records signals from here on
         self._loaders = LoaderTracker(enabled=exact_data)
         self._snapshot: Optional[LightningSnapshot] = None
@@ -179,6 +182,7 @@ class PreemptionCallback:
             # own SIGTERM flag could only carry 0. Our votes are reduced in its slot instead (one blocking
             # collective per batch either way); otherwise they go in a reduction of their own.
             session.agreement.deferred = hooks.replace_lightning_sigterm_broadcast(trainer, session.agreement.reduce_pending)
+        session.on_peer_lost.append(hooks.stop_child_observer)  # the watchdog's exit code, not Lightning's SIGKILL
         self._snapshot = LightningSnapshot(trainer, lambda: self._rank_state(trainer))
         self._validation_due = lambda: hooks.validation_due(trainer)  # made once, not per batch
         # Lightning picks the checkpoint it loads before this hook and tells no callback: the run begins at

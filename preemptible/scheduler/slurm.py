@@ -13,7 +13,8 @@ malformed ``{{...}}`` or a value containing a newline raises :class:`ValueError`
 
 Placeholders the shipped templates use: ``job_name``, ``nodes``, ``ntasks_per_node``,
 ``gpus_per_node``, ``cpus_per_task``, ``partition``, ``time``, ``signal_lead``, ``run_dir``,
-``max_requeues``, ``command`` (already quoted with :func:`shlex.join`) and ``requeue_exit_code``.
+``max_requeues``, ``command`` (already quoted with :func:`shlex.join`), ``requeue_exit_code`` and ``python``
+(this interpreter, quoted: the batch shell runs :mod:`preemptible.scheduler.afterstep` with it after the step).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -241,6 +243,7 @@ def build_values(
         "max_requeues": None if max_requeues is None else check_count("--max-requeues", max_requeues, minimum=0),
         "command": shlex.join(command),
         "requeue_exit_code": REQUEUE_EXIT_CODE,
+        "python": shlex.quote(sys.executable),
     }
 
 

@@ -29,6 +29,11 @@ Timeouts: submitit tells a timeout from a preemption by elapsed time only and sp
 ``max_num_timeout`` budget on each one it handles. Signals handled by preemptible during ``fit``
 never reach submitit's handler, so they are not spent from that budget; preemptible's own
 ``max_requeues`` (counted from ``SLURM_RESTART_COUNT`` and ``run.json``) bounds requeue loops.
+
+Crashes: when a rank dies without warning (SIGKILL, OOM kill) the surviving global rank 0 sees its collective
+fail; the task then requeues the job as a crash (bounded by ``max_crash_requeues``, see
+:mod:`preemptible.core.crashes`), and it resumes from the newest periodic checkpoint. An exception of the
+training code itself is raised as before (submitit reports it; no retry).
 """
 
 from __future__ import annotations
@@ -39,7 +44,11 @@ from typing import Any, Callable, Optional
 
 import submitit
 
+from preemptible.core.crashes import decide, failure_kind
 from preemptible.core.environment import JobEnvironment
+from preemptible.core.exit import CRASH_EXIT_CODE, Preempted
+from preemptible.core.requeue import RequeueError, SlurmRequeue
+from preemptible.core.schema import FailureKind
 
 __all__ = ["PreemptibleTask"]
 
@@ -74,7 +83,36 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
             os.environ["PREEMPTIBLE_MAX_REQUEUES"] = str(self.max_requeues)
         if self.distributed_env:
             _export_distributed_env()
-        return self.train_fn(*(args or self.args), **(kwargs or self.kwargs))
+        try:
+            return self.train_fn(*(args or self.args), **(kwargs or self.kwargs))
+        except Exception as exc:
+            if failure_kind(exc) == FailureKind.PEER:
+                self._requeue_after_crash(exc)
+            raise
+
+    def _requeue_after_crash(self, exc: BaseException) -> None:
+        """Global rank 0, whose collective failed because a peer died: requeue the job from its newest checkpoint.
+
+        The rule and bounds of :mod:`preemptible.core.crashes` (submitit's own sbatch script has no batch-shell
+        step after ``srun``, so the surviving rank 0 decides). On a requeue this process exits with
+        :data:`~preemptible.REQUEUE_EXIT_CODE` (``scontrol requeue`` first under SLURM; the code alone makes
+        submitit's ``LocalExecutor`` relaunch). If rank 0 itself died, the job fails as before.
+        """
+        env = JobEnvironment.from_env()
+        if not env.is_global_zero:
+            return
+        verdict = decide(self.run_dir, CRASH_EXIT_CODE, env=env, log_hint="the submitit logs")
+        if verdict.message:
+            print(verdict.message, flush=True)
+        if not verdict.requeue:
+            return
+        if env.under_slurm:
+            try:
+                SlurmRequeue().request(env)
+            except RequeueError as error:
+                print(f"preemptible: {error}", flush=True)
+                return
+        raise Preempted(reason=f"crash: {type(exc).__name__}") from exc
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit's own handler when a signal arrives outside ``trainer.fit``.

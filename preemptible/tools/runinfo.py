@@ -51,6 +51,7 @@ from preemptible.core.schema import (
     CHECKPOINT_DIR,
     COMMIT_SUFFIX,
     JOURNAL_FILE,
+    CrashDecision,
     Event,
     RequeueOutcomeName,
     RunRecordKey,
@@ -124,6 +125,9 @@ class AttemptInfo:
     redone_seconds: float = 0.0
     save_seconds: float = 0.0
     steps_lost: int = 0
+    #: what the supervisor decided after a crash or failure (``CrashDecision``) and its message
+    crash_decision: Optional[str] = None
+    crash_detail: Optional[str] = None
     #: (time, step) points of training progress, in time order (for timelines).
     points: list[tuple[float, int]] = field(default_factory=list)
 
@@ -352,10 +356,17 @@ def _attempt(index: int, events: list[dict[str, Any]], now: float, last: bool = 
         mine = [e for e in kinds[Event.EXIT] if e.get("rank", 0) == 0] or kinds[Event.EXIT]
         a.exit_code = max((c for c in (_int(e.get("code")) for e in mine) if c is not None), default=None)
 
+    if kinds.get(Event.CRASH):
+        crash = kinds[Event.CRASH][-1]
+        a.crash_decision, a.crash_detail = crash.get("decision"), crash.get("detail")
+        if a.exit_code is None:
+            a.exit_code = _int(crash.get("exit_code"))
     if Event.FINISH in kinds:
         a.outcome = "finished"
     elif a.stop_cause == StopCauseName.CANCELLED and a.exit_code == CANCELLED_EXIT_CODE:
         a.outcome = "cancelled"
+    elif a.crash_decision is not None and a.crash_decision != CrashDecision.SHELL_REQUEUE:
+        a.outcome = "crashed" if a.crash_decision == CrashDecision.REQUEUE else "failed"
     elif a.requeue in (RequeueOutcomeName.LIMIT_REACHED, RequeueOutcomeName.FAILED):
         a.outcome = "requeue_limit" if a.requeue == RequeueOutcomeName.LIMIT_REACHED else "requeue_failed"
     elif a.exit_code is not None:
@@ -499,7 +510,7 @@ def _state(attempts: list[AttemptInfo], record: dict[str, Any], last_committed: 
     if a.outcome == "preempted":
         waiting = f"{_duration(now - a.ended_at)} ago"
         why = a.stop_reason or a.signal or "signal"
-        if a.requeue in (RequeueOutcomeName.REQUESTED, None):
+        if a.requeue in (RequeueOutcomeName.REQUESTED, RequeueOutcomeName.DELEGATED, None):
             return "preempted", f"stopped at step {a.stop_step} ({why}) {waiting}, requeue requested; {resume}"
         return "preempted", (f"stopped at step {a.stop_step} ({why}) {waiting}, but nothing requeued it "
                              f"({a.requeue_detail or a.requeue}): start the same command again; {resume}")
@@ -510,6 +521,10 @@ def _state(attempts: list[AttemptInfo], record: dict[str, Any], last_committed: 
         return "failed", f"requeue limit reached at step {a.stop_step}: resubmit by hand or raise max_requeues; {resume}"
     if a.outcome == "requeue_failed":
         return "failed", f"requeue request failed ({a.requeue_detail}): resubmit by hand; {resume}"
+    if a.crash_detail and a.outcome == "failed":
+        return "failed", f"{a.crash_detail}; {resume}"
+    if a.crash_detail and a.outcome == "crashed":
+        return "crashed", f"{where} crashed and was requeued: {a.crash_detail}"
     if a.outcome == "failed":
         return "failed", f"{where} exited with code {a.exit_code}; see the job's log; {resume}"
     if a.outcome == "unknown":

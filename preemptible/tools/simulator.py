@@ -19,6 +19,7 @@ from typing import IO, Any, Callable, Optional, Sequence
 import psutil
 
 from preemptible.core.cause import write_stop_request
+from preemptible.core.crashes import decide
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.exit import REQUEUE_EXIT_CODE
 from preemptible.core.rundir import RunDirError, read_progress, resolve_run_dir
@@ -92,7 +93,7 @@ class RunSummary:
 
 
 class LocalSupervisor:
-    """Runs ``command`` until it exits with something other than :data:`REQUEUE_EXIT_CODE`.
+    """Runs ``command`` until it exits with something other than :data:`REQUEUE_EXIT_CODE` (or a crash it relaunches).
 
     Args:
         command: the training command (one command both starts and resumes).
@@ -102,6 +103,8 @@ class LocalSupervisor:
         timeout: seconds an attempt may take before it is killed (no test may hang).
         env: extra environment variables.
         on_event: called with a line of text for each notable event (the CLI prints them).
+        crash_restarts: relaunch an attempt that crashed (see :mod:`preemptible.core.crashes`: not an error of
+            the training code, within ``max_crash_requeues``, not twice in a row without a new checkpoint).
         stdout: where the command's output goes, stderr included (a file or a descriptor, as for ``subprocess.Popen``);
             None: inherited from this process.
     """
@@ -117,6 +120,7 @@ class LocalSupervisor:
         on_event: Optional[Callable[[str], None]] = None,
         stdout: Optional[int | IO[Any]] = None,
         on_tick: Optional[Callable[[int, Optional[dict]], None]] = None,
+        crash_restarts: bool = True,
     ) -> None:
         if not command:
             raise ValueError("no command to run: put it after '--', e.g. preemptible run -- python train.py")
@@ -133,6 +137,7 @@ class LocalSupervisor:
         self.on_tick = on_tick
         self.stdout = stdout
         self.stop = StopRequest()
+        self.crash_restarts = crash_restarts
 
     def run(self) -> RunSummary:
         summary = RunSummary()
@@ -147,17 +152,31 @@ class LocalSupervisor:
                     self.on_event(f"stopped by {self.stop.signal_name}: not relaunching (the checkpoint is kept; "
                                   "run the same command again to resume)")
                     break
-                if attempt.exit_code != REQUEUE_EXIT_CODE:
+                crashed = attempt.exit_code not in (0, REQUEUE_EXIT_CODE) and self._relaunch_after_crash(index, attempt)
+                if attempt.exit_code != REQUEUE_EXIT_CODE and not crashed:
                     break
                 if index >= self.max_restarts:
                     self.on_event(f"requeue asked, but --max-restarts {self.max_restarts} is reached; stopping")
                     break
                 index += 1
-                self.on_event(f"attempt {index - 1} exited with {REQUEUE_EXIT_CODE} (requeue): relaunching")
+                why = "crashed" if crashed else "requeue"
+                self.on_event(f"attempt {index - 1} exited with {attempt.exit_code} ({why}): relaunching")
         self._fill_from_journal(summary)
         return summary
 
     # -------------------------------------------------------------------------------------------------
+    def _relaunch_after_crash(self, index: int, attempt: Attempt) -> bool:
+        """The rule of :mod:`preemptible.core.crashes`: a crash (no error recorded by the training code) is
+        relaunched from the newest checkpoint, within the run's crash bounds; it journals the decision."""
+        if not self.crash_restarts or self.run_dir is None or attempt.exit_code is None or attempt.timed_out:
+            return False
+        code = attempt.exit_code if attempt.exit_code >= 0 else 128 - attempt.exit_code  # -9 → 137, as a shell says
+        verdict = decide(self.run_dir, code, env=JobEnvironment.from_env(self._environment(index, False)),
+                         log_hint="the command's output")
+        if verdict.message:
+            self.on_event(verdict.message.removeprefix("preemptible: "))
+        return verdict.requeue
+
     def _environment(self, index: int, follow_steps: bool) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.extra_env)
