@@ -22,7 +22,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from preemptible.core import procgroup, votes
+from preemptible.core import procgroup, verdict, votes
 from preemptible.core.agreement import StopAgreement, make_agreement
 from preemptible.core.checkpointing import BackgroundWriter, Snapshot, save_checkpoint
 from preemptible.core.config import SessionConfig
@@ -119,12 +119,15 @@ class PreemptionSession:
 
         Invalid checkpoints are reported and moved to ``checkpoints/quarantine/`` by global rank 0
         only; the previous valid one is returned. Call it on every rank: all get the same answer.
+        Only global rank 0 reads the file to validate it; the others take its verdict.
         """
-        run = self.run
+        run, checksum = self.run, self.config.verify == "checksum"
         if self.env.is_global_zero:
             run.store.clean_stale_temps()
             run.store.quarantine_orphans()
-        found = run.store.latest_valid(checksum=self.config.verify == "checksum", quarantine=self.env.is_global_zero)
+            found = verdict.validate_as_rank_zero(run.store, run.path, self.env, checksum)
+        else:  # rank 0 reads the file once for all (core/verdict.py): resume cost does not grow with the ranks
+            found = verdict.wait_for_rank_zero(run.store, run.path, self.env, checksum)
         self.resumed_from = found.path if found else None
         return str(found.path) if found else None
 
@@ -147,13 +150,16 @@ class PreemptionSession:
     def start(self, checkpoint: Optional[str | Path]) -> None:
         """Every rank, after the adapter's own checks: journal the start (or resume) and count the attempt."""
         run = self.run
+        if self.world_size > 1:
+            verdict.check_same_resume(self.agreement, Path(checkpoint) if checkpoint else None)
         self._progress = ProgressFile(run.path / "progress.json", interval=self.env.progress_interval)
         self.policy.save_seconds = last_save_seconds(run.store)
         if self.is_global_zero:
             run.store.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
             warn_if_lead_too_short(self.env.signal_lead, self.policy.save_seconds)
             run.journal.append(Event.RESUME if checkpoint else Event.START, checkpoint=str(checkpoint) if checkpoint else None,
-                               world_size=self.world_size, attempt=self.env.restart_count, backend=self.backend.name)
+                               world_size=self.world_size, attempt=self.env.restart_count, backend=self.backend.name,
+                               process_started=_process_started())
             run.update_record(**{RunRecordKey.WORLD_SIZE: self.world_size, RunRecordKey.STATUS: RunStatus.RUNNING,
                                  RunRecordKey.ATTEMPTS: int(run.read_record().get(RunRecordKey.ATTEMPTS, 0)) + 1})
 
@@ -487,3 +493,14 @@ class PreemptionSession:
         return (self.resumed_from is not None and self._loaded is not None
                 and self._loaded.resolve() == self.resumed_from.resolve() and step == self._start_step)
 
+
+
+def _process_started() -> Optional[float]:
+    """This process's start time (unix seconds) by the operating system: start-up is told from there, not
+    from the trainer's set-up, so interpreter, imports and launch are not counted as queue wait."""
+    try:
+        import psutil
+
+        return round(float(psutil.Process().create_time()), 3)
+    except Exception:  # noqa: BLE001 - a figure for reports only
+        return None

@@ -56,7 +56,9 @@ class PreemptionCallback(Callback):
     loaders at the exact batch), ``save_on_finish``, ``allow_world_size_change``, ``every_n_steps`` /
     ``every_n_minutes`` (periodic safety checkpoints), ``async_save`` (write those in the background
     from a CPU copy), ``deadline`` (``True``: the job's end time from SLURM; a number: a fixed end
-    time; ``False``: off) and ``agree_every_n_steps`` (reduce the DDP stop votes every N steps). The
+    time; ``False``: off), ``agree_every_n_steps`` (reduce the DDP stop votes every N steps) and
+    ``peer_timeout`` (seconds after which a dead or frozen peer rank makes every rank leave with exit
+    code 145; default ``$PREEMPTIBLE_PEER_TIMEOUT``, else 60; 0: off). The
     README's table explains each.
 
     Example::
@@ -89,6 +91,7 @@ class PreemptionCallback(Callback):
         async_save: bool = True,
         deadline: bool | float | None = True,
         agree_every_n_steps: int = 1,
+        peer_timeout: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.config = SessionConfig(
@@ -96,7 +99,7 @@ class PreemptionCallback(Callback):
             checksum=checksum, exact_data=exact_data, save_on_finish=save_on_finish,
             allow_world_size_change=allow_world_size_change, every_n_steps=every_n_steps,
             every_n_minutes=every_n_minutes, async_save=async_save, deadline=deadline,
-            agree_every_n_steps=agree_every_n_steps)
+            agree_every_n_steps=agree_every_n_steps, peer_timeout=peer_timeout)
         self.session = PreemptionSession(self.config, JobEnvironment.from_env())  # records signals from here on
         self._loaders = LoaderTracker(enabled=exact_data)
         self._snapshot: Optional[LightningSnapshot] = None
