@@ -183,6 +183,8 @@ class LocalSupervisor:
         if inject:
             assert preemption is not None
             env["PREEMPTIBLE_INJECT"] = preemption.injection(index)
+            self.on_event(f"attempt {index}: {preemption.fault or preemption.signal.name} to {preemption.target} at step "
+                          f"{preemption.at_step}, done by the rank itself (PREEMPTIBLE_INJECT={env['PREEMPTIBLE_INJECT']})")
             preemption = None  # nothing to send from here
         attempt.started = time.time()
         proc = subprocess.Popen(self.command, env=env, start_new_session=True,
