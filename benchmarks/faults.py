@@ -20,7 +20,8 @@ Campaigns (``--only`` takes these names):
   the same in a real emergency save.
 * ``storm``: 100+ mixed signals through the save and the exit; ``term-during-save``: SIGTERM while the
   checkpoint is written; ``early-second``: a second preemption right after a resume; ``teardown``:
-  SIGTERM after the last step, then a restart.
+  SIGTERM after the last step, then a restart. ``peer-crash`` (``faults_peers.py``): a rank of a 2-rank DDP
+  run SIGKILLed or frozen without warning; the job must end within the peer watchdog's bound, with the crash code.
 
 Usage::
 
@@ -144,6 +145,7 @@ def campaign(args: argparse.Namespace) -> list[Tally]:
         "storm": max(1, n // 50),
         "term-during-save": max(1, n // 50),
         "early-second": max(2, n // 40),
+        "peer-crash": max(4, n // 20),
     }
 
     def want(name: str) -> bool:
@@ -170,6 +172,11 @@ def campaign(args: argparse.Namespace) -> list[Tally]:
                 tallies.append(t)
             else:
                 say("  (tmpfs cannot be mounted here: ENOSPC campaign skipped)")
+        if want("peer-crash"):
+            from faults_peers import peer_crash_trials
+
+            say(f"peer-crash: {counts['peer-crash']} trials ...")
+            tallies.append(peer_crash_trials(_mk(root / "peers"), counts["peer-crash"]))
         lightning = [k for k in ("lightning-kill", "periodic-kill", "lightning-disk-full", "storm", "term-during-save",
                                  "early-second", "teardown") if want(k)]
         if set(lightning) - {"teardown"}:
@@ -378,7 +385,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--trials", type=int, default=None, help="SIGKILL trials at the store (others scale with it); default 150")
     p.add_argument("--quick", action="store_true", help="a smoke run: few trials of each kind")
     p.add_argument("--only", default=None, help="comma-separated campaigns: store-kill, damage, disk-full, lightning-kill, "
-                   "periodic-kill, lightning-disk-full, storm, term-during-save, early-second, teardown")
+                   "periodic-kill, lightning-disk-full, storm, term-during-save, early-second, teardown, peer-crash")
     p.add_argument("--out", type=Path, default=SCRIPT.parent / "FAULTS.md")
     p.add_argument("--keep-workdir", action="store_true")
     args = p.parse_args(argv)

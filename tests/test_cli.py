@@ -56,7 +56,7 @@ def test_run_preempts_at_the_step_relaunches_and_summarises_the_attempts(tmp_pat
                        "--slow-until-resumed", "--record", str(record), cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    assert "attempt 0: sending SIGTERM to tree (1 process(es)) at step" in proc.stderr
+    assert "attempt 0: SIGTERM to tree at step 5, done by the rank itself" in proc.stderr  # lands exactly (issue 15)
     assert f"attempt 0 exited with {REQUEUE_EXIT_CODE} (requeue): relaunching" in proc.stderr
     assert "attempt 1: exit code 0" in proc.stderr and "attempt 2" not in proc.stderr
 

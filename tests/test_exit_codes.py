@@ -19,6 +19,7 @@ import pytest
 
 from preemptible import REQUEUE_EXIT_CODE
 from preemptible.core.exit import CRASH_EXIT_CODE
+from preemptible.core.schema import Event, read_events
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_ranks.py"
 TIMEOUT = 120.0
@@ -77,3 +78,18 @@ def test_finished_preempted_and_failed_ranks_exit_with_the_true_code(tmp_path: P
             assert all(c != 0 for c in codes) and not {REQUEUE_EXIT_CODE, CRASH_EXIT_CODE} & set(codes), shown
         if mode != "fail":  # after an unexplained error the group is left alone (a collective may still be in flight)
             assert all("group at exit: destroyed" in o for o in outputs), shown
+
+
+@pytest.mark.ddp
+def test_a_run_directory_not_shared_by_all_ranks_is_reported_before_training(tmp_path: Path) -> None:
+    """Point 6. Simulated: there is one host here, so "node 2's local disk" is a different directory given to
+    rank 1 (``TEST_RUN_DIR_VIEW``); the check compares what each rank reads through its own run-directory
+    path, so a different path and a same path on another disk look the same to it."""
+    procs = launch_ranks(tmp_path / "run", "finish", per_rank_env={1: {"TEST_RUN_DIR_VIEW": str(tmp_path / "node2-local")}})
+    codes, outputs = finish(procs)
+    shown = "\n".join(f"--- rank {r} (exit {c})\n{o[-2000:]}" for r, (c, o) in enumerate(zip(codes, outputs)))
+    assert codes == [1, 1], shown
+    for out in outputs:
+        assert "the run directory is not shared by all ranks: rank 1" in out and "Fix: put the run directory" in out, shown
+    events = list(read_events(tmp_path / "run"))
+    assert not [e for e in events if e["event"] in (Event.START, Event.TRAIN_START)], "refused before any training"

@@ -20,8 +20,9 @@ examples:
 
 Goodput = useful training time / wall time, from the first attempt's start to the last attempt's end.
 The rest is split into redone work (steps trained again after an interruption), saving checkpoints,
-startup and restarts (trainer set-up to the first step), waiting in the queue (an attempt's end to
-the next one's start, including process launch) and other (stopping, requeue request, exit).
+startup and restarts (the process's own start, as the operating system recorded it, to the first step:
+interpreter, imports, process group, loading), waiting in the queue (an attempt's end to the next
+process's start: the scheduler and the launch) and other (stopping, requeue request, exit).
 The timeline (-o) needs matplotlib: pip install 'preemptible[report]'.
 """
 

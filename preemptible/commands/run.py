@@ -20,6 +20,13 @@ examples:
   # preempt twice: at step 10 in the first attempt and at step 25 in the second
   preemptible run --run-dir runs/exp1 --preempt-at-step 10 --preempt-at-step 25 -- python train.py
 
+  # a crash without warning: SIGKILL rank 1 at step 8 (as the OOM killer); or freeze it (SIGSTOP)
+  preemptible run --run-dir runs/exp1 --kill-at-step 8 --target rank:1 -- python train.py --devices 2
+  preemptible run --run-dir runs/exp1 --freeze-at-step 8 --target rank:1 -- python train.py --devices 2
+
+A signal or fault planned at a step lands at that step: the rank does it to itself there
+(PREEMPTIBLE_INJECT), however short the steps are.
+
 The command is relaunched while it exits with {REQUEUE_EXIT_CODE} (preemptible.REQUEUE_EXIT_CODE), and after a
 crash (killed by a signal, no error recorded by the training code) from its newest checkpoint, at most
 max_crash_requeues times and never after two crashes in a row without a new checkpoint (--no-crash-restart: never).
@@ -38,6 +45,10 @@ def register(sub: Any) -> None:
                       help="signal when training reaches global step N (repeat for later attempts)")
     when.add_argument("--preempt-after", type=float, action="append", metavar="SECONDS",
                       help="signal SECONDS after the attempt starts (repeat for later attempts)")
+    when.add_argument("--kill-at-step", type=int, action="append", metavar="N",
+                      help="SIGKILL the --target at global step N, without warning (repeat for later attempts)")
+    when.add_argument("--freeze-at-step", type=int, action="append", metavar="N",
+                      help="SIGSTOP the --target at global step N: a hung rank (repeat for later attempts)")
     p.add_argument("--signal", default="USR1", help="USR1 (sbatch --signal), TERM (preemption), USR2 (submitit); default USR1")
     p.add_argument("--target", default="tree", help="'tree' (every process, like SLURM) or 'rank:N' (one rank only)")
     p.add_argument("--max-restarts", type=int, default=10, metavar="K", help="relaunch at most K times (default 10)")
@@ -64,6 +75,8 @@ def run_command(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown --target {args.target!r}: use 'tree' or 'rank:N'")
     plan = [Preemption(at_step=n, signal=args.signal, target=args.target) for n in args.preempt_at_step or []]
     plan += [Preemption(after_seconds=s, signal=args.signal, target=args.target) for s in args.preempt_after or []]
+    plan += [Preemption(at_step=n, fault="kill", target=args.target) for n in args.kill_at_step or []]
+    plan += [Preemption(at_step=n, fault="freeze", target=args.target) for n in args.freeze_at_step or []]
     console = Console(stderr=True)
     with console.status("starting...") as status:
         def tick(attempt: int, progress: Any) -> None:

@@ -8,7 +8,9 @@ sent on seeing step N in ``progress.json`` would be looked at first: the same se
 The value is a comma-separated list of ``ACTION:STEP[:RANK[:ATTEMPT]]``:
 
 * ``ACTION``: ``kill`` (SIGKILL, as the OOM killer), ``segv`` (SIGSEGV, as a crash in native code),
-  ``freeze`` (SIGSTOP, as a hung process), or a signal name (``USR1``, ``TERM``: a preemption warning);
+  ``freeze`` (SIGSTOP, as a hung process), a signal name (``USR1``, ``TERM``: a preemption warning), or
+  ``group-`` and a signal name: the signal to this process's whole process group (every rank of a
+  local launcher and their DataLoader workers, as SLURM signals every process of a step);
 * ``STEP``: the global step; ``RANK``: a global rank or ``*`` (default: every rank);
 * ``ATTEMPT``: the restart count it applies to (``SLURM_RESTART_COUNT`` or ``PREEMPTIBLE_ATTEMPT``), or
   ``*`` (default ``0``: the first attempt only, so that a resumed run does not crash again at that step).
@@ -37,8 +39,12 @@ class Fault:
     attempt: Optional[int] = 0  # None: every attempt
 
     @property
+    def to_group(self) -> bool:
+        return self.action.startswith("group-")
+
+    @property
     def signum(self) -> int:
-        return int(_ACTIONS.get(self.action) or parse_signal(self.action))
+        return int(_ACTIONS.get(self.action) or parse_signal(self.action.removeprefix("group-")))
 
     def render(self) -> str:
         rank = "*" if self.rank is None else str(self.rank)
@@ -81,4 +87,7 @@ class FaultPlan:
 
 def fire(fault: Fault) -> None:
     """Do it to this process (a SIGSTOP returns once someone sends SIGCONT)."""
-    os.kill(os.getpid(), fault.signum)
+    if fault.to_group:
+        os.killpg(os.getpgid(0), fault.signum)
+    else:
+        os.kill(os.getpid(), fault.signum)

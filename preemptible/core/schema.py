@@ -51,8 +51,8 @@ COMMON_FIELDS = ("event", "time", "job_id", "restart_count", "host", "rank", "pi
 
 #: The fields of each event, beyond :data:`COMMON_FIELDS`.
 EVENT_FIELDS: dict[str, tuple[str, ...]] = {
-    Event.START: ("checkpoint", "world_size", "attempt", "backend"),
-    Event.RESUME: ("checkpoint", "world_size", "attempt", "backend"),
+    Event.START: ("checkpoint", "world_size", "attempt", "backend", "process_started"),
+    Event.RESUME: ("checkpoint", "world_size", "attempt", "backend", "process_started"),
     Event.TRAIN_START: ("step", "epoch"),
     Event.PROGRESS: ("step", "epoch"),
     Event.SIGNAL: ("signal", "count", "received_at", "step"),

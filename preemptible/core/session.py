@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional
 
 from preemptible.core import cause as stop_cause
 from preemptible.core import procgroup, votes
+from preemptible.core import verdict as resume_verdict
 from preemptible.core.agreement import StopAgreement, make_agreement
 from preemptible.core.checkpointing import BackgroundWriter, Snapshot, save_checkpoint
 from preemptible.core.config import SessionConfig
@@ -99,7 +100,7 @@ class PreemptionSession:
         self._last_progress_event = time.monotonic()
         self._signal_logged = False
         #: why the agreed stop happened and whether the run comes back (decided once, at the stop)
-        self.verdict: Optional[stop_cause.StopVerdict] = None
+        self.stop_verdict: Optional[stop_cause.StopVerdict] = None
         self._watchdog: Optional[PeerWatchdog] = None
         self._faults: Optional[FaultPlan] = None  # testing faults (PREEMPTIBLE_INJECT); None: one cheap check per step
         #: Called (on the watchdog's thread) right before a rank leaves because a peer was lost; an adapter
@@ -127,12 +128,15 @@ class PreemptionSession:
 
         Invalid checkpoints are reported and moved to ``checkpoints/quarantine/`` by global rank 0
         only; the previous valid one is returned. Call it on every rank: all get the same answer.
+        Only global rank 0 reads the file to validate it; the others take its verdict.
         """
-        run = self.run
+        run, checksum = self.run, self.config.verify == "checksum"
         if self.env.is_global_zero:
             run.store.clean_stale_temps()
             run.store.quarantine_orphans()
-        found = run.store.latest_valid(checksum=self.config.verify == "checksum", quarantine=self.env.is_global_zero)
+            found = resume_verdict.validate_as_rank_zero(run.store, run.path, self.env, checksum)
+        else:  # rank 0 reads the file once for all (core/verdict.py): resume cost does not grow with the ranks
+            found = resume_verdict.wait_for_rank_zero(run.store, run.path, self.env, checksum)
         self.resumed_from = found.path if found else None
         return str(found.path) if found else None
 
@@ -155,6 +159,8 @@ class PreemptionSession:
     def start(self, checkpoint: Optional[str | Path]) -> None:
         """Every rank, after the adapter's own checks: journal the start (or resume) and count the attempt."""
         run = self.run
+        if self.world_size > 1:
+            resume_verdict.check_same_resume(self.agreement, Path(checkpoint) if checkpoint else None)
         self._progress = ProgressFile(run.path / "progress.json", interval=self.env.progress_interval)
         self.policy.save_seconds = last_save_seconds(run.store)
         if self.is_global_zero:
@@ -162,7 +168,8 @@ class PreemptionSession:
             warn_if_lead_too_short(self.env.signal_lead, self.policy.save_seconds)
             warn_if_agent_drops_signals(self.env, self.signals.signals)
             run.journal.append(Event.RESUME if checkpoint else Event.START, checkpoint=str(checkpoint) if checkpoint else None,
-                               world_size=self.world_size, attempt=self.env.restart_count, backend=self.backend.name)
+                               world_size=self.world_size, attempt=self.env.restart_count, backend=self.backend.name,
+                               process_started=_process_started())
             run.update_record(**{RunRecordKey.WORLD_SIZE: self.world_size, RunRecordKey.STATUS: RunStatus.RUNNING,
                                  RunRecordKey.MAX_CRASH_REQUEUES: self.config.max_crash_requeues,
                                  RunRecordKey.ATTEMPTS: int(run.read_record().get(RunRecordKey.ATTEMPTS, 0)) + 1})
@@ -255,7 +262,7 @@ class PreemptionSession:
         stop, run = self.pending.stop, self.run
         assert stop is not None, "leave() without a stop"
         step, path = stop.step, str(stop.checkpoint) if stop.checkpoint else None
-        verdict = self.verdict
+        verdict = self.stop_verdict
         if verdict is not None and not verdict.requeue:
             self._leave_cancelled(step, path, verdict, before_exit)
         if stop.over_limit:
@@ -327,7 +334,7 @@ class PreemptionSession:
             self.run.journal.append(Event.STOP_CAUSE, step=step, cause=verdict.cause, action=verdict.action,
                                     detail=verdict.detail)
             self.run.update_record(**{RunRecordKey.LAST_STOP_CAUSE: verdict.cause})
-        self.verdict = stop_cause.StopVerdict.from_json(self.agreement.broadcast(answer))
+        self.stop_verdict = stop_cause.StopVerdict.from_json(self.agreement.broadcast(answer))
 
     # -- the end ---------------------------------------------------------------------------------------
     def training_ended(self, step: int, epoch: int, snapshot: Snapshot) -> None:
@@ -555,3 +562,14 @@ class PreemptionSession:
         return (self.resumed_from is not None and self._loaded is not None
                 and self._loaded.resolve() == self.resumed_from.resolve() and step == self._start_step)
 
+
+
+def _process_started() -> Optional[float]:
+    """This process's start time (unix seconds) by the operating system: start-up is told from there, not
+    from the trainer's set-up, so interpreter, imports and launch are not counted as queue wait."""
+    try:
+        import psutil
+
+        return round(float(psutil.Process().create_time()), 3)
+    except Exception:  # noqa: BLE001 - a figure for reports only
+        return None

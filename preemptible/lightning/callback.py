@@ -95,6 +95,7 @@ class PreemptionCallback:
         deadline: Union[bool, float, None] = True,
         agree_every_n_steps: int = 1,
         max_crash_requeues: Optional[int] = None,
+        peer_timeout: Optional[float] = None,
     ) -> None:
         """Set up the run's session; signals are recorded from here on.
 
@@ -120,6 +121,8 @@ class PreemptionCallback:
             agree_every_n_steps: under DDP, reduce the ranks' stop votes only every N steps.
             max_crash_requeues: requeues after a crash without warning (a killed rank, a lost node), counted
                 apart from max_requeues (default: $PREEMPTIBLE_MAX_CRASH_REQUEUES, else 3).
+            peer_timeout: seconds after which a dead or frozen peer rank makes every rank leave with exit
+                code 145 (default: $PREEMPTIBLE_PEER_TIMEOUT, else 60; 0: off).
         """
         super().__init__()
         self.config = SessionConfig(
@@ -127,7 +130,8 @@ class PreemptionCallback:
             checksum=checksum, exact_data=exact_data, save_on_finish=save_on_finish,
             allow_world_size_change=allow_world_size_change, every_n_steps=every_n_steps,
             every_n_minutes=every_n_minutes, async_save=async_save, deadline=deadline,
-            agree_every_n_steps=agree_every_n_steps, max_crash_requeues=max_crash_requeues)
+            agree_every_n_steps=agree_every_n_steps, max_crash_requeues=max_crash_requeues,
+            peer_timeout=peer_timeout)
         self.session = PreemptionSession(self.config, JobEnvironment.from_env())  # records signals from here on
         self._loaders = LoaderTracker(enabled=exact_data)
         self._snapshot: Optional[LightningSnapshot] = None

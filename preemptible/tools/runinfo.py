@@ -11,11 +11,14 @@ against the definition it claims, where a split would put the two in different f
 Definitions (times are the journal's wall-clock ``time`` fields, in seconds):
 
 * **Attempt**: one process lifetime of the job, opened by rank 0's ``start``/``resume`` event (trainer
-  set-up). Its *end* is its last journal event from any rank (``now`` while it runs).
-* **Startup / restart** of an attempt: ``start`` event → ``train_start`` event (restoring the
-  checkpoint, building loaders, sanity check). Called *startup* for the first attempt, *restart* after.
-* **Queue wait**: an attempt's end → the next attempt's ``start`` event. It includes the scheduler's
-  queue, the process launch and imports up to the trainer's set-up, none of which the job can journal.
+  set-up). It *starts* when rank 0's process started (the event's ``process_started``, the operating
+  system's start time of the process; the event's own time for journals that lack it) and *ends* at
+  its last journal event from any rank (``now`` while it runs).
+* **Startup / restart** of an attempt: its process start → ``train_start`` event (the interpreter,
+  imports, the process group, restoring the checkpoint, building loaders, sanity check). Called
+  *startup* for the first attempt, *restart* after.
+* **Queue wait**: an attempt's end → the next attempt's process start: the scheduler's queue and the
+  launch of the process, which no process of the job is there to journal.
 * **Training time** of an attempt: ``train_start`` → the agreed stop (``stop_agreed``), else ``finish``,
   else the attempt's last event (a crash) or ``now`` (running), minus checkpoint saves in that interval.
 * **Save time**: the ``seconds`` of each ``checkpoint`` event (rank 0's save start → commit). A save
@@ -326,7 +329,7 @@ def _attempt(index: int, events: list[dict[str, Any]], now: float, last: bool = 
         kinds.setdefault(e["event"], []).append(e)
     a = AttemptInfo(index=index, job_id=first.get("job_id"), restart_count=_int(first.get("restart_count")) or 0,
                     host=str(first.get("host", "")), pid=_int(first.get("pid")), world_size=_int(first.get("world_size")),
-                    started_at=float(first["time"]), ended_at=max(float(e["time"]) for e in events), outcome="crashed")
+                    started_at=_process_start(first), ended_at=max(float(e["time"]) for e in events), outcome="crashed")
     a.points = [(float(e["time"]), int(e["step"])) for e in events
                 if e.get("rank", 0) == 0 and e["event"] in _STEP_EVENTS and isinstance(e.get("step"), int)]
     _make_monotonic(a.points)
@@ -392,6 +395,15 @@ def _attempt(index: int, events: list[dict[str, Any]], now: float, last: bool = 
     in_training = sum(float(e.get("seconds") or 0.0) for e in saves if float(e["time"]) <= a.train_ended_at)
     a.training_seconds = a.useful_seconds = max(0.0, a.train_ended_at - a.train_started_at - in_training)
     return a
+
+
+def _process_start(opener: dict[str, Any]) -> float:
+    """When the attempt's rank-0 process started: ``process_started`` if journaled and plausible, else the event's time."""
+    at = float(opener["time"])
+    started = opener.get("process_started")
+    if isinstance(started, (int, float)) and 0 < at - started < 7 * 86400:  # not after set-up, not a week before
+        return float(started)
+    return at
 
 
 def _make_monotonic(points: list[tuple[float, int]]) -> None:

@@ -42,11 +42,30 @@ class Preemption:
     #: how many times to send it (a burst), and the pause between two.
     repeat: int = 1
     interval: float = 0.0
+    #: a fault without warning instead of the signal: ``"kill"`` (SIGKILL), ``"freeze"`` (SIGSTOP), ``"segv"``.
+    fault: Optional[str] = None
 
     def __post_init__(self) -> None:
         if sum(x is not None for x in (self.at_step, self.after_seconds, self.at_event)) != 1:
             raise ValueError("a Preemption needs exactly one of at_step, after_seconds or at_event")
         self.signal = parse_signal(self.signal)
+        if self.fault is not None and (self.at_step is None or self.fault not in ("kill", "freeze", "segv")):
+            raise ValueError(f"fault={self.fault!r}: use 'kill', 'freeze' or 'segv', with at_step")
+
+    @property
+    def in_process(self) -> bool:
+        """At a step, once: the rank does it to itself at that very step (``PREEMPTIBLE_INJECT``), however short
+        the steps; watching ``progress.json`` from outside would land steps late on sub-millisecond steps."""
+        return self.at_step is not None and self.repeat == 1
+
+    def injection(self, attempt: int) -> str:
+        """The ``PREEMPTIBLE_INJECT`` value of this plan item in attempt ``attempt`` (see ``core/inject.py``)."""
+        if self.target.startswith("rank:"):
+            return f"{self.fault or self.signal.name}:{self.at_step}:{self.target.split(':', 1)[1]}:{attempt}"
+        if self.fault:
+            return f"{self.fault}:{self.at_step}:*:{attempt}"
+        # The whole tree, as SLURM signals every process of the job: rank 0 signals the job's process group.
+        return f"group-{self.signal.name}:{self.at_step}:0:{attempt}"
 
 
 @dataclass
@@ -191,11 +210,19 @@ class LocalSupervisor:
 
     def _run_attempt(self, index: int, preemption: Optional[Preemption]) -> Attempt:
         attempt = Attempt(index=index, command=self.command)
-        follow = preemption is not None and preemption.at_step is not None
+        inject = preemption is not None and preemption.in_process
+        follow = preemption is not None and preemption.at_step is not None and not inject
         if follow and self.run_dir is not None:
             (self.run_dir / PROGRESS_FILE).unlink(missing_ok=True)
+        env = self._environment(index, follow)
+        if inject:
+            assert preemption is not None
+            env["PREEMPTIBLE_INJECT"] = preemption.injection(index)
+            self.on_event(f"attempt {index}: {preemption.fault or preemption.signal.name} to {preemption.target} at step "
+                          f"{preemption.at_step}, done by the rank itself (PREEMPTIBLE_INJECT={env['PREEMPTIBLE_INJECT']})")
+            preemption = None  # nothing to send from here
         attempt.started = time.time()
-        proc = subprocess.Popen(self.command, env=self._environment(index, follow), start_new_session=True,
+        proc = subprocess.Popen(self.command, env=env, start_new_session=True,
                                 stdout=self.stdout, stderr=subprocess.STDOUT if self.stdout is not None else None)
         self.on_event(f"attempt {index}: started pid {proc.pid}")
         deadline = time.monotonic() + self.timeout
@@ -258,7 +285,8 @@ class LocalSupervisor:
             return
         events = list(read_events(self.run_dir / JOURNAL_FILE))
         for a in summary.attempts:
-            mine = [e for e in events if a.started <= e.get("time", 0) <= a.ended + 1 and e.get("rank") == 0]
+            mine = [e for e in events if a.started <= e.get("time", 0) <= a.ended + 1
+                    and (e.get("rank") == 0 or e.get("event") == Event.FAULT_INJECTED)]
             for e in mine:
                 kind = e.get("event")
                 if kind == Event.STOP_AGREED:
@@ -268,6 +296,9 @@ class LocalSupervisor:
                     a.signal_to_commit = e.get("signal_to_commit_seconds")
                 elif kind == Event.STOP_CAUSE:
                     a.stop_cause = e.get("cause")
+                elif kind == Event.FAULT_INJECTED and a.signal_step is None:
+                    a.signal_step, a.signal_name = e.get("step"), _fault_name(e.get("action"))
+                    a.signal_sent_at = e.get("time")
                 elif kind == Event.TRAIN_START and a.first_step_at is None:
                     a.resumed_from_step, a.first_step_at = e.get("step"), e.get("time")
 
@@ -333,6 +364,15 @@ class _Listening:
         if self._tmp is not None:
             self._tmp.cleanup()
         self.stop.path = None
+
+
+def _fault_name(action: Optional[str]) -> Optional[str]:
+    if action in ("kill", "freeze", "segv"):
+        return action
+    try:
+        return parse_signal(str(action).removeprefix("group-")).name
+    except ValueError:
+        return action
 
 
 def _run_dir(run_dir: Optional[os.PathLike[str] | str]) -> Optional[Path]:

@@ -8,7 +8,8 @@ test), so no Lightning import: a launch costs the torch import only. ``MODE``:
 * ``fail``: rank 1 raises at step 3 (a bug in user code); every rank must exit non-zero, none with a code
   that asks for a requeue or reports a crash.
 
-Faults without warning come through the session's own injection (``PREEMPTIBLE_INJECT``). At exit, a
+``TEST_RUN_DIR_VIEW`` gives one rank another run directory than the rest. Faults without warning
+come through the session's own injection (``PREEMPTIBLE_INJECT``). At exit, a
 handler registered before the session's (so it runs after it) prints whether the process group was
 still alive: ``group at exit: destroyed`` or ``group at exit: alive``.
 """
@@ -33,6 +34,7 @@ def report_group() -> None:
 
 atexit.register(report_group)
 run_dir, total, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+run_dir = os.environ.get("TEST_RUN_DIR_VIEW", run_dir)  # a rank that sees another directory (a node-local path)
 sleep = float(sys.argv[4]) if len(sys.argv) > 4 else 0.0
 session = PreemptionSession(run_dir=run_dir, requeue="local", deadline=False)
 resume = session.resume_path()
