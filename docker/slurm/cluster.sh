@@ -256,8 +256,20 @@ node_up() {
   [[ "$state" =~ ^(idle|mix|alloc|comp)$ ]]
 }
 
+# The daemons outlive this script: they must not inherit its caller's open files (a lock file held
+# by whoever ran `start` would stay locked for as long as the cluster runs). 255 is bash's own.
+close_inherited_fds() {
+  local fd
+  for fd in /proc/$$/fd/*; do
+    fd="${fd##*/}"
+    [[ "$fd" =~ ^[0-9]+$ ]] && ((fd > 2 && fd != 255)) && { eval "exec $fd>&-"; } 2>/dev/null
+  done
+  return 0
+}
+
 cmd_start() {
   ((EUID == 0)) || unsupported "cluster.sh start must run as root (slurmd and munged need it)"
+  close_inherited_fds
   install_packages
   mkdir -p "$DIR"
   chmod 0755 "$DIR"
