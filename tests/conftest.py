@@ -26,7 +26,8 @@ os.environ.pop("SLURM_JOB_ID", None)
 #: (one reference then serves every test of that configuration, and the comparison also checks that
 #: periodic saves, slow steps and test holds leave every loss and weight as they are).
 TIMING_ONLY_OPTIONS = frozenset({"step_sleep", "slow_until_resumed", "slow_attempts", "every_n_steps",
-                                 "every_n_minutes", "sync_periodic", "hold_for_signal", "hold_until_exists"})
+                                 "every_n_minutes", "sync_periodic", "hold_for_signal", "hold_until_exists",
+                                 "val_sleep", "epoch_end_sleep"})
 
 
 FORK_REFERENCES = os.environ.get("PREEMPTIBLE_TEST_FORK_REFERENCES", "1") != "0"

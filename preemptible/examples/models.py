@@ -34,11 +34,15 @@ class NoisyBlobs(Dataset):
 
 
 class TinyModel(pl.LightningModule):
-    def __init__(self, dim: int = 16, hidden: int = 32, lr: float = 0.1, step_sleep: float = 0.0, onecycle: bool = False) -> None:
+    def __init__(self, dim: int = 16, hidden: int = 32, lr: float = 0.1, step_sleep: float = 0.0, onecycle: bool = False,
+                 val_sleep: float | None = None, epoch_end_sleep: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 2))
         self.step_sleep = step_sleep
+        # Pacing only (never a number): slow validation batches and end-of-epoch work, for tests and benchmarks.
+        self.val_sleep = step_sleep if val_sleep is None else val_sleep
+        self.epoch_end_sleep = epoch_end_sleep
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -53,9 +57,13 @@ class TinyModel(pl.LightningModule):
         # Dropout is off in eval mode; the noise in the dataset still draws from the RNG.
         loss = nn.functional.cross_entropy(self.net(x), y)
         self.log("val_loss", loss, sync_dist=True)
-        if self.step_sleep:
-            time.sleep(self.step_sleep)
+        if self.val_sleep:
+            time.sleep(self.val_sleep)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.epoch_end_sleep:
+            time.sleep(self.epoch_end_sleep)
 
     def configure_optimizers(self) -> Any:
         # hparams is typed as a MutableMapping: index it (save_hyperparameters() stored both values).
