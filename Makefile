@@ -41,7 +41,7 @@ faults: venv
 	$(BIN)/python benchmarks/faults.py
 
 cluster: venv
-	bash docker/slurm/cluster.sh start
+	bash docker/slurm/cluster.sh start --nodes 2
 
 cluster-stop:
 	bash docker/slurm/cluster.sh stop

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A small, real SLURM cluster for tests and demos: munge + slurmctld + slurmd.
 #
-#   cluster.sh start    install slurm-wlm/munge if missing, write the config, start the daemons,
+#   cluster.sh start [--nodes N]
+#                       install slurm-wlm/munge if missing, write the config, start the daemons,
 #                       wait until the node(s) accept jobs; does nothing for what already runs
 #   cluster.sh stop     cancel the cluster's jobs and stop only the daemons this script started
 #   cluster.sh status   print the daemons' and nodes' state; exit 1 unless everything is up
@@ -10,7 +11,14 @@
 # $PREEMPTIBLE_SLURM_DIR (default /tmp/preemptible-slurm). Clients need SLURM_CONF: `start`
 # prints the export line and writes it to $PREEMPTIBLE_SLURM_DIR/env.sh.
 #
-# Default role `all`: one node called `localhost` that runs every daemon (what CI uses).
+# Default role `all`: every daemon on this machine. With one node (the default) the node is
+# called `localhost`. With `--nodes N` (or PREEMPTIBLE_SLURM_NODE_COUNT=N, N >= 2; CI uses 2) it
+# runs N slurmd, one per node `n1`..`nN`: node i listens on 127.0.0.(i+1) and port 6817+i, with
+# its own spool dir, pid file and log (`%n` in slurm.conf), `NodeHostname=localhost`, and the
+# names in /etc/hosts (Lightning resolves the first node's name as MASTER_ADDR). Every node
+# reports this machine's CPUs, so N nodes offer N times the real cores: fine for tests that
+# preempt and requeue, not for speed. The node count of a running cluster is kept in
+# $PREEMPTIBLE_SLURM_DIR/nodes; `stop` and `status` read it.
 # For a multi-host cluster (docker/compose.yaml) every host runs this script with the same
 #   PREEMPTIBLE_SLURM_CONTROLLER=<controller host>  PREEMPTIBLE_SLURM_NODES=<node1,node2,...>
 # and PREEMPTIBLE_SLURM_ROLE=controller or compute; each host writes the same slurm.conf.
@@ -22,6 +30,7 @@ DIR="${PREEMPTIBLE_SLURM_DIR:-/tmp/preemptible-slurm}"
 ROLE="${PREEMPTIBLE_SLURM_ROLE:-all}"
 CONTROLLER="${PREEMPTIBLE_SLURM_CONTROLLER:-localhost}"
 NODES="${PREEMPTIBLE_SLURM_NODES:-localhost}"
+NODE_COUNT="${PREEMPTIBLE_SLURM_NODE_COUNT:-}"
 TIMEOUT="${PREEMPTIBLE_SLURM_TIMEOUT:-90}"
 CONF="$DIR/slurm.conf"
 MUNGE_DIR="$DIR/munge"
@@ -35,10 +44,32 @@ log() { printf 'cluster.sh: %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 unsupported() { log "cannot run a cluster here: $*"; exit 3; }
 
+COMMAND="${1:-}"
+(($#)) && shift
+while (($#)); do
+  case "$1" in
+    --nodes) [[ $# -ge 2 ]] || die "--nodes needs a number"; NODE_COUNT="$2"; shift 2 ;;
+    --nodes=*) NODE_COUNT="${1#--nodes=}"; shift ;;
+    *) echo "usage: $0 start [--nodes N] | stop | status (unknown argument '$1')" >&2; exit 2 ;;
+  esac
+done
+# `stop`/`status` (and a `start` that finds the cluster up) use the count the cluster was started with.
+if [[ -z "$NODE_COUNT" ]]; then
+  NODE_COUNT="$(cat "$DIR/nodes" 2>/dev/null || echo 1)"
+fi
+[[ "$NODE_COUNT" =~ ^[1-9][0-9]?$ ]] || die "--nodes must be a number from 1 to 99 (got '$NODE_COUNT')"
+
+# LOCAL_NODES: the slurmd this host runs.
 case "$ROLE" in
-  all) NODE_NAME="localhost" ;;
-  controller) NODE_NAME="" ;;
-  compute) NODE_NAME="${PREEMPTIBLE_SLURM_NODE_NAME:-$(hostname -s)}" ;;
+  all)
+    if ((NODE_COUNT == 1)); then
+      LOCAL_NODES=(localhost)
+    else
+      LOCAL_NODES=()
+      for ((i = 1; i <= NODE_COUNT; i++)); do LOCAL_NODES+=("n$i"); done
+    fi ;;
+  controller) LOCAL_NODES=() ;;
+  compute) LOCAL_NODES=("${PREEMPTIBLE_SLURM_NODE_NAME:-$(hostname -s)}") ;;
   *) die "PREEMPTIBLE_SLURM_ROLE must be all, controller or compute (got '$ROLE')" ;;
 esac
 
@@ -99,12 +130,30 @@ node_figures() {
     | grep -E '^(CPUs|Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore|RealMemory)=' | paste -sd ' '
 }
 
+# Several nodes on one machine: each node name must resolve to its own loopback address.
+ensure_hosts_entries() {
+  local i name addr
+  for ((i = 1; i <= NODE_COUNT; i++)); do
+    name="n$i" addr="127.0.0.$((i + 1))"
+    if ! grep -qE "^$addr[[:space:]]+$name([[:space:]]|\$)" /etc/hosts; then
+      getent hosts "$name" >/dev/null && die "$name resolves elsewhere ($(getent hosts "$name")); fix /etc/hosts"
+      printf '%s %s\n' "$addr" "$name" >>/etc/hosts
+    fi
+  done
+}
+
 write_conf() {
-  local nodeline
-  if [[ "$NODES" == localhost ]]; then
-    nodeline="NodeName=localhost NodeAddr=127.0.0.1 $(node_figures)"
+  local nodeline figures i
+  figures="$(node_figures)"
+  if [[ "$ROLE" == all && "$NODE_COUNT" -gt 1 ]]; then
+    nodeline=""
+    for ((i = 1; i <= NODE_COUNT; i++)); do
+      nodeline+="NodeName=n$i NodeAddr=127.0.0.$((i + 1)) NodeHostname=localhost Port=$((6817 + i)) $figures State=UNKNOWN"$'\n'
+    done
+  elif [[ "$NODES" == localhost ]]; then
+    nodeline="NodeName=localhost NodeAddr=127.0.0.1 $figures State=UNKNOWN"
   else
-    nodeline="NodeName=$NODES $(node_figures)"
+    nodeline="NodeName=$NODES $figures State=UNKNOWN"
   fi
   mkdir -p "$DIR/slurmctld" "$DIR/slurmd"
   # Written to a temporary file first so a running daemon never reads half a config.
@@ -151,11 +200,12 @@ KillWait=10
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
-$nodeline State=UNKNOWN
+$nodeline
 PartitionName=low Nodes=ALL Default=YES PriorityTier=1 GraceTime=20 MaxTime=UNLIMITED State=UP
 PartitionName=high Nodes=ALL PriorityTier=10 MaxTime=UNLIMITED State=UP
 EOF
   mv "$CONF.tmp" "$CONF"
+  echo "$NODE_COUNT" >"$DIR/nodes"
   printf 'export SLURM_CONF=%s\n' "$CONF" >"$DIR/env.sh"
 }
 
@@ -187,10 +237,16 @@ start_slurmctld() {
   wait_until "slurmctld to answer" scontrol ping
 }
 
-start_slurmd() {
-  pid_alive "$DIR/slurmd-$NODE_NAME.pid" slurmd && return 0
-  mkdir -p "$DIR/slurmd/$NODE_NAME"
-  slurmd -N "$NODE_NAME"
+start_slurmd() {  # node name
+  pid_alive "$DIR/slurmd-$1.pid" slurmd && return 0
+  mkdir -p "$DIR/slurmd/$1"
+  slurmd -N "$1"
+}
+
+any_local_slurmd_alive() {
+  local node
+  for node in "${LOCAL_NODES[@]}"; do pid_alive "$DIR/slurmd-$node.pid" slurmd && return 0; done
+  return 1
 }
 
 # A node is usable when it responds (no `*` suffix) and is neither down nor drained.
@@ -206,21 +262,28 @@ cmd_start() {
   mkdir -p "$DIR"
   chmod 0755 "$DIR"
   # A running cluster keeps its config: rewriting it under live daemons would desynchronise them.
-  if ! pid_alive "$DIR/slurmctld.pid" slurmctld && ! pid_alive "$DIR/slurmd-$NODE_NAME.pid" slurmd; then
+  if ! pid_alive "$DIR/slurmctld.pid" slurmctld && ! any_local_slurmd_alive; then
     write_conf
+  else
+    local running
+    running="$(cat "$DIR/nodes" 2>/dev/null || echo 1)"
+    [[ "$running" == "$NODE_COUNT" ]] \
+      || die "the running cluster has $running node(s), not $NODE_COUNT: run '$0 stop' first"
   fi
+  [[ "$ROLE" == all && "$NODE_COUNT" -gt 1 ]] && ensure_hosts_entries
   start_munge
+  local node
   case "$ROLE" in
-    all) start_slurmctld; start_slurmd ;;
+    all) start_slurmctld; for node in "${LOCAL_NODES[@]}"; do start_slurmd "$node"; done ;;
     controller)
       # slurmctld looks the nodes up when it starts; containers get their DNS names as they start.
       local node
       for node in ${NODES//,/ }; do wait_until "host $node to resolve" getent hosts "$node"; done
       start_slurmctld ;;
-    compute) wait_until "slurmctld on $CONTROLLER" scontrol ping; start_slurmd ;;
+    compute) wait_until "slurmctld on $CONTROLLER" scontrol ping; start_slurmd "${LOCAL_NODES[0]}" ;;
   esac
-  # A host waits for its own node only: a controller does not depend on the order hosts come up.
-  [[ -z "$NODE_NAME" ]] || wait_until "node $NODE_NAME to become idle" node_up "$NODE_NAME"
+  # A host waits for its own nodes only: a controller does not depend on the order hosts come up.
+  for node in "${LOCAL_NODES[@]}"; do wait_until "node $node to become idle" node_up "$node"; done
   log "${ROLE/#all/cluster} up; state, logs and jobcomp file in $DIR"
   printf 'export SLURM_CONF=%s\n' "$CONF"
 }
@@ -259,7 +322,8 @@ cmd_stop() {
       wait_until "the cancelled jobs to end" no_running_jobs || true
     fi
   fi
-  [[ -n "$NODE_NAME" ]] && stop_daemon "$DIR/slurmd-$NODE_NAME.pid" slurmd
+  local node
+  for node in "${LOCAL_NODES[@]}"; do stop_daemon "$DIR/slurmd-$node.pid" slurmd; done
   [[ "$ROLE" != compute ]] && stop_daemon "$DIR/slurmctld.pid" slurmctld
   stop_daemon "$MUNGE_DIR/munged.pid" munged
   log "stopped"
@@ -269,7 +333,7 @@ cmd_status() {
   local ok=0 line pid
   report() {  # name, pidfile, comm
     if pid="$(pid_of "$2" "$3")"; then line="running (pid $pid)"; else line="not running"; ok=1; fi
-    printf '%-10s %s\n' "$1" "$line"
+    printf '%-12s %s\n' "$1" "$line"
   }
   if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
     printf '%-10s %s\n' munged "answering"
@@ -277,10 +341,11 @@ cmd_status() {
     printf '%-10s %s\n' munged "not answering"; ok=1
   fi
   [[ "$ROLE" != compute ]] && report slurmctld "$DIR/slurmctld.pid" slurmctld
-  [[ -n "$NODE_NAME" ]] && report slurmd "$DIR/slurmd-$NODE_NAME.pid" slurmd
+  local node
+  for node in "${LOCAL_NODES[@]}"; do report "slurmd $node" "$DIR/slurmd-$node.pid" slurmd; done
   if [[ -e "$CONF" ]] && scontrol ping >/dev/null 2>&1; then
     sinfo -N -o '%N %P %t' || true
-    [[ -z "$NODE_NAME" ]] || node_up "$NODE_NAME" || ok=1
+    for node in "${LOCAL_NODES[@]}"; do node_up "$node" || ok=1; done
   else
     ok=1
   fi
@@ -288,9 +353,9 @@ cmd_status() {
   return "$ok"
 }
 
-case "${1:-}" in
+case "$COMMAND" in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start [--nodes N] | stop | status" >&2; exit 2 ;;
 esac

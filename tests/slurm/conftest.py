@@ -1,6 +1,6 @@
-"""The real single-node SLURM cluster for tests, and helpers to watch its jobs.
+"""The real SLURM cluster for tests (two nodes on this machine), and helpers to watch its jobs.
 
-``slurm_cluster`` starts the cluster with ``docker/slurm/cluster.sh start`` (or finds it up),
+``slurm_cluster`` starts the cluster with ``docker/slurm/cluster.sh start --nodes 2`` (or finds it up),
 exports ``SLURM_CONF`` and yields a :class:`SlurmCluster`. Where this machine cannot run a
 cluster (not root, no apt) the tests skip, unless ``PREEMPTIBLE_REQUIRE_SLURM=1`` (set by CI),
 which turns that skip into a failure: CI must never pass by skipping the real thing.
@@ -170,8 +170,12 @@ class SlurmCluster:
         self.cancel(stale, timeout)
 
 
-def _cluster_sh(command: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(CLUSTER_SH), command], capture_output=True, text=True, timeout=timeout)
+#: The cluster the tests expect (what .ci/run starts): multi-node tests need two nodes.
+NODES = 2
+
+
+def _cluster_sh(command: str, timeout: float, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(CLUSTER_SH), command, *args], capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -191,7 +195,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         if os.geteuid() != 0:
             unavailable("the local SLURM cluster needs root (docker/slurm/cluster.sh start runs slurmd and munged)")
         # Generous: a first start may install slurm-wlm and munge with apt.
-        started = _cluster_sh("start", timeout=600)
+        started = _cluster_sh("start", 600, "--nodes", str(NODES))
         if started.returncode == UNSUPPORTED:
             unavailable(f"cannot start a SLURM cluster here: {started.stderr.strip()[-500:]}")
         if started.returncode != 0:

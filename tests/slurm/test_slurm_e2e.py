@@ -6,8 +6,9 @@ and that every loss and the final weights are bitwise those of an uninterrupted 
 fit one job share it, one per attempt (a job's start, imports and requeue take tens of seconds):
 a preemption by a ``high`` job, then an operator's ``scontrol requeue``.
 
-The cluster (docker/slurm/cluster.sh) has partitions ``low`` (GraceTime=20) and ``high``, two
-cores, KillWait=10. A job of 2 tasks x 1 CPU fills the node, so any job on ``high`` preempts it.
+The cluster (docker/slurm/cluster.sh start --nodes 2) has two nodes of two cores, partitions
+``low`` (GraceTime=20) and ``high`` over both, KillWait=10. The ``high`` job of :func:`submit_high`
+takes every node whole, so it preempts whatever runs on ``low``.
 """
 
 from __future__ import annotations
@@ -109,8 +110,15 @@ def sbatch_cli(cwd: Path, *args: str) -> str:
 
 
 def submit_high(tmp_path: Path, jobs: list[str], seconds: int = 3) -> str:
-    """A short job on ``high``: SLURM preempts the ``low`` job to make room for it."""
-    done = subprocess.run(["sbatch", "--parsable", "--partition=high", "--ntasks=1", "--job-name=pt-high",
+    """A short job on ``high`` that needs every node whole: SLURM preempts the ``low`` jobs to make room.
+
+    Whole nodes (``--exclusive``, all of them), so that on the two-node cluster it cannot start on
+    an idle node next to the job it is meant to preempt.
+    """
+    nodes = subprocess.run(["sinfo", "-h", "-p", "high", "-o", "%D"], capture_output=True, text=True,
+                           timeout=30, check=True).stdout.split()[0]
+    done = subprocess.run(["sbatch", "--parsable", "--partition=high", "--exclusive", f"--nodes={nodes}",
+                           "--ntasks-per-node=1", "--job-name=pt-high",
                            f"--output={tmp_path}/high-%j.out", f"--wrap=sleep {seconds}"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
