@@ -150,7 +150,7 @@ class ResumableBatches:
         self._ahead.clear()
         skip = plan["skip"] if plan else 0
         inject: dict[int, dict[str, Any]] = dict(plan["inject"]) if plan else {}
-        if stream_now is not None:
+        if stream_now is not None and continue_at is not None:
             inject[int(continue_at)] = stream_now
         source = iter(self.inner)
         for _ in range(skip):

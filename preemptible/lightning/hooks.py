@@ -90,7 +90,7 @@ def settle_redone_validation_progress(trainer: "pl.Trainer") -> None:
     """At the start of a redone validation: the epoch's validation totals that the state above left one batch
     ahead go back to what the uninterrupted run has there (otherwise a later checkpoint of this epoch
     would look "mid evaluation" again). checked: 2.6 — ``val_loop.batch_progress.total``."""
-    total = trainer.fit_loop.epoch_loop.val_loop.batch_progress.total
+    total: Any = trainer.fit_loop.epoch_loop.val_loop.batch_progress.total  # a _ProcessedTracker at run time
     total.ready = total.started = total.processed = total.completed
 
 
