@@ -228,20 +228,21 @@ def test_requeue_limit_stops_requeueing(tmp_path: Path, slurm_cluster: SlurmClus
     assert outcomes == [RequeueOutcomeName.LIMIT_REACHED], outcomes
 
 
-#: A validation of 30 batches of 1 s at step 4: longer than the ``low`` partition's GraceTime of 20 s.
-LONG_VALIDATION = {"val_every": 4, "val_batches": 30}
+#: A validation of 90 batches of 1 s at step 4: far longer than the ``low`` partition's GraceTime of 20 s (and than
+#: the scheduler takes to preempt).
+LONG_VALIDATION = {"val_every": 4, "val_batches": 90}
 
 
 @pytest.mark.timeout(2 * JOB_TIMEOUT)
 def test_preempted_during_a_validation_longer_than_the_grace_time(tmp_path: Path, slurm_cluster: SlurmCluster,
                                                                    slurm_jobs: list[str], reference_run) -> None:
-    """A ``high`` job preempts ours while it validates (30 s of validation, 20 s of GraceTime): the stop is taken
+    """A ``high`` job preempts ours while it validates (90 s of validation, 20 s of GraceTime): the stop is taken
     at the next validation batch, the checkpoint (the state from the validation's start, owing it) is committed
     before SIGKILL, and the requeued job redoes that validation and ends bitwise like an uninterrupted run."""
     reference_run(max_steps=STEPS, devices=RANKS, **LONG_VALIDATION)
     job = Job(tmp_path, slurm_cluster, slurm_jobs, "longval", 0.2, slow_attempts=1, val_sleep=1.0, **LONG_VALIDATION)
     job.wait_state("RUNNING", timeout=120)
-    # Until rank 0 is two batches into the validation of step 4 (28 s of it still to go).
+    # Until rank 0 is two batches into the validation of step 4 (88 s of it still to go).
     slurm_cluster.wait_for(lambda: sum(e["kind"] == TraceKind.VAL and e["rank"] == 0 and e["step"] == 4
                                        for e in job.records()) >= 2, 120, f"job {job.id} to be validating at step 4")
     submit_high(tmp_path, slurm_jobs)
