@@ -80,10 +80,11 @@ class BlobsData(pl.LightningDataModule):
     """Shuffled train loader: a plain ``DataLoader`` by default, torchdata's ``StatefulDataLoader`` with ``stateful=True``."""
 
     def __init__(self, samples: int = 512, batch_size: int = 16, num_workers: int = 0, seed: int = 0,
-                 stateful: bool = False) -> None:
+                 stateful: bool = False, val_samples: int = 0) -> None:
         super().__init__()
         self.samples, self.batch_size, self.num_workers, self.seed = samples, batch_size, num_workers, seed
         self.stateful = stateful
+        self.val_samples = val_samples  # at least this many validation samples (long validations for tests)
 
     def train_dataloader(self) -> Any:
         dataset = NoisyBlobs(self.samples, seed=self.seed)
@@ -101,7 +102,7 @@ class BlobsData(pl.LightningDataModule):
         return StatefulDataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(NoisyBlobs(max(self.samples // 4, self.batch_size), seed=self.seed + 1), batch_size=self.batch_size,
+        return DataLoader(NoisyBlobs(max(self.samples // 4, self.batch_size, self.val_samples), seed=self.seed + 1), batch_size=self.batch_size,
                           num_workers=0)
 
 

@@ -101,7 +101,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.hold_for_signal or args.hold_until_exists:
         callbacks.append(_hold_callback(args.hold_for_signal or [], args.hold_until_exists))
     data = BlobsData(samples=args.samples, batch_size=args.batch_size, num_workers=args.num_workers,
-                     stateful=args.stateful_loader)
+                     stateful=args.stateful_loader,
+                     val_samples=args.val_batches * args.batch_size * args.devices * args.num_nodes)
     val_kwargs: dict = {"limit_val_batches": 0}
     if args.val_every is not None:
         every = int(args.val_every) if args.val_every > 1 else args.val_every
