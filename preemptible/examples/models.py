@@ -102,7 +102,8 @@ class BlobsData(pl.LightningDataModule):
         return StatefulDataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(NoisyBlobs(max(self.samples // 4, self.batch_size, self.val_samples), seed=self.seed + 1), batch_size=self.batch_size,
+        size = max(self.samples // 4, self.batch_size, self.val_samples)
+        return DataLoader(NoisyBlobs(size, seed=self.seed + 1), batch_size=self.batch_size,
                           num_workers=0)
 
 
