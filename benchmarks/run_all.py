@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BENCH_DIR, Context, Section, machine_description, write_results  # noqa: E402
 
 # Order matters: grace reads growth's numbers.
-MODULES = ["overhead", "save", "resume", "alternatives", "growth", "grace", "periodic"]
+MODULES = ["overhead", "save", "resume", "alternatives", "growth", "grace", "periodic", "anywhere"]
 
 
 def summary_lines(sections: dict[str, Section]) -> list[str]:
@@ -58,6 +58,8 @@ def summary_lines(sections: dict[str, Section]) -> list[str]:
     if (d := get("grace")) is not None and d.get("line"):
         out.append(d["line"])
     if (d := get("periodic")) is not None and d.get("line"):
+        out.append(d["line"])
+    if (d := get("anywhere")) is not None and d.get("line"):
         out.append(d["line"])
     return out
 

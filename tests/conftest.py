@@ -28,7 +28,7 @@ os.environ.pop("SLURM_JOB_ID", None)
 TIMING_ONLY_OPTIONS = frozenset({"step_sleep", "slow_until_resumed", "slow_attempts", "every_n_steps",
                                  "every_n_minutes", "sync_periodic", "hold_for_signal", "hold_until_exists",
                                  # the same numbers under either Lightning package, and whoever finds the checkpoint
-                                 "namespace", "no_ckpt_path"})
+                                 "namespace", "no_ckpt_path", "val_sleep", "epoch_end_sleep"})
 
 
 FORK_REFERENCES = os.environ.get("PREEMPTIBLE_TEST_FORK_REFERENCES", "1") != "0"

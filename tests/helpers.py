@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from preemptible.core.schema import read_trace, trace_key
+from preemptible.core.schema import REDONE_KINDS, Event, read_trace, trace_key
 from preemptible.examples.train import options_to_argv
 
 PYTHON = sys.executable
@@ -22,7 +23,8 @@ def load_record(path: Path) -> tuple[dict[tuple[Any, ...], str], list[tuple[Any,
     path = Path(path)
     assert path.exists(), f"no step record at {path}"
     trace = read_trace(path)
-    return {key: entry["loss"] for key, entry in trace.entries.items()}, trace.duplicates, trace.final
+    return ({key: entry.get("loss", entry.get("metrics")) for key, entry in trace.entries.items()}, trace.duplicates,
+            trace.final)
 
 
 def assert_same_as_reference(record: Path, reference: Path) -> int:
@@ -33,6 +35,7 @@ def assert_same_as_reference(record: Path, reference: Path) -> int:
     got, dup, got_final = load_record(record)
     want, _, want_final = load_record(reference)
     assert not dup, f"batches trained twice (replayed after resume): {dup[:5]}"
+    assert_redone_validations_agree(record)
     missing = sorted(set(want) - set(got))
     extra = sorted(set(got) - set(want))
     assert not missing, f"batches never trained (skipped after resume): {missing[:5]}"
@@ -66,6 +69,25 @@ def assert_same_after_crash(record: Path, reference: Path, resumed_at: dict[int,
         assert steps and min(steps) == step + 1, f"attempt {attempt} trained steps {steps[:3]}..., not from {step + 1}"
     assert trace.final and trace.final == want.final, f"final weights differ: {trace.final} vs {want.final}"
     return len(want_loss)
+
+
+def assert_redone_validations_agree(record: Path) -> list[tuple[Any, ...]]:
+    """A validation interrupted and redone after the resume computed, for every batch the interrupted one
+    reached, bitwise the same loss (same weights, same random stream). Returns the redone keys."""
+    trace = read_trace(record)
+    seen: dict[tuple[Any, ...], set[Any]] = {}
+    for entry in trace.lines:
+        if entry["kind"] in REDONE_KINDS:
+            seen.setdefault(trace_key(entry), set()).add(json.dumps([entry.get("loss"), entry.get("metrics")]))
+    differ = [key for key in trace.redone if len(seen.get(key, ())) > 1]
+    assert not differ, f"a redone validation differs from the interrupted one at {differ[:3]}"
+    return trace.redone
+
+
+def stops(events: list[dict[str, Any]], attempt: int) -> list[tuple[Any, ...]]:
+    """(place, step, batch) of each stop_agreed of rank 0 in ``attempt``."""
+    return [(e.get("place"), e["step"], e.get("batch")) for e in events
+            if e["event"] == Event.STOP_AGREED and e["restart_count"] == attempt and e.get("rank", 0) == 0]
 
 
 # ---------------------------------------------------------------------------------------------------

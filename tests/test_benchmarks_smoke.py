@@ -22,6 +22,7 @@ SECTIONS = [
     "## 5. Growth",
     "## 6. The grace window",
     "## 7. Periodic checkpoints",
+    "## 8. Signal → committed, wherever the signal lands",
 ]
 
 
@@ -40,7 +41,7 @@ def test_quick_benchmarks_write_every_table(tmp_path: Path) -> None:
                    "Per-step time against a plain Trainer",
                    "Fabric loop: per-step time", "÷ raw", "Where the difference goes", "steps lost",
                    "Save, resume and per-step overhead by state size", "Largest state saved within 25 s",
-                   "Training time lost per periodic checkpoint"):
+                   "Training time lost per periodic checkpoint", "Signal → committed by location"):
         assert needle in text, f"missing {needle!r}"
     # Every table has a header row and at least one data row.
     tables = [block for block in text.split("\n\n") if block.lstrip().startswith("| ")]

@@ -103,11 +103,13 @@ def test_signal_before_the_first_step_then_during_validation(tmp_path: Path, ref
     assert summary.attempts[1].resumed_from_step == 0
     events = list(read_events(tmp_path / "run" / "events.jsonl"))
     assert [e["step"] for e in _of_attempt(events, 0, Event.SIGNAL)] == [0], "the signal before the first step was journaled"
-    # The run held in the validation of step 10 until the signal was recorded there: the stop is taken at the
-    # first training boundary after that validation (step 11), where the signal is first looked at.
-    assert [e["step"] for e in _of_attempt(events, 1, Event.SIGNAL)] == [11]
-    assert [e["step"] for e in _of_attempt(events, 1, Event.STOP_AGREED)] == [11] == [summary.attempts[1].stop_step]
-    assert [e["step"] for e in _of_attempt(events, 1, Event.CHECKPOINT)] == [11]
+    # The run held in the first batch of the validation of step 10 until the signal was recorded there: the stop
+    # is taken at that validation batch's end, saving the state from the validation's start (owing it).
+    assert [(e["step"], e["place"], e["batch"]) for e in _of_attempt(events, 1, Event.SIGNAL)] == [(10, "validation", 0)]
+    assert [e["step"] for e in _of_attempt(events, 1, Event.STOP_AGREED)] == [10] == [summary.attempts[1].stop_step]
+    assert [e["step"] for e in _of_attempt(events, 1, Event.CHECKPOINT)] == [10]
+    assert [e["step"] for e in _of_attempt(events, 1, Event.VALIDATION_OWED)] == [10]
+    assert [e["step"] for e in _of_attempt(events, 2, Event.VALIDATION_REDONE)] == [10]
     assert_same_as_reference(record, reference_run(max_steps=STEPS, devices=1, step_sleep=SLEEP, **options))
 
 

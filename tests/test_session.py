@@ -224,7 +224,10 @@ def test_stop_on_an_epoch_end_waits_for_the_next_boundary(tmp_path: Path) -> Non
     session.end()
 
 
-def test_stop_where_validation_is_due_waits_for_its_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("owed", [True, False], ids=["owing-validation", "trainer-cannot-owe"])
+def test_stop_where_validation_is_due_is_taken_when_it_starts(tmp_path: Path, owed: bool) -> None:
+    """Taken at the validation's start with the state from there, owing it; a trainer that cannot hand over
+    that state (``owed=None``) has the stop wait for the validation's end instead."""
     session = make_session(tmp_path / "run")
     loop = FakeLoop(session)
     start_fresh(session)
@@ -232,9 +235,17 @@ def test_stop_where_validation_is_due_waits_for_its_end(tmp_path: Path) -> None:
     os.kill(os.getpid(), signal.SIGUSR1)
     session.boundary(1, 0, loop.snapshot, validation_due=lambda: asked.append(1) or True)
     assert asked == [1] and not session.stopping
-    session.validation_ended(1, 0, loop.snapshot)
+    session.validation_started(1, 0, loop.snapshot if owed else None)
+    assert session.stopping is owed
+    if not owed:
+        assert not session.validation_batch_end(1, 0, batch=0)
+        session.validation_ended(1, 0, loop.snapshot)
     assert session.pending.stop is not None and session.pending.stop.step == 1
-    assert [e["event"] for e in read_events(tmp_path / "run")][-2:] == [Event.CHECKPOINT, Event.STOP_CAUSE]
+    assert session.pending.stop.owes_validation is owed
+    events = [e["event"] for e in read_events(tmp_path / "run")]
+    # the checkpoint, then (a stop inside validation) the validation it owes, then the stop's cause
+    assert events[-2:] == [Event.VALIDATION_OWED if owed else Event.CHECKPOINT, Event.STOP_CAUSE]
+    assert Event.CHECKPOINT in events
     session.end()
 
 

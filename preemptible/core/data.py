@@ -131,6 +131,10 @@ class ResumableBatches:
     def __iter__(self) -> Iterator[Any]:
         plan, self._plan = self._plan, None
         sampler = getattr(self.inner, "sampler", None)
+        # A state saved at a validation's start, when the validation is redone before training goes on: the
+        # stream as it is now (after the redone validation) is the one the next batch must see.
+        continue_at = plan.get("continue_stream_at") if plan is not None else None
+        stream_now = capture_rng() if continue_at is not None else None
         if plan is not None:
             restore_rng(plan["epoch_rng"])
             # A DistributedSampler's order depends on its epoch. Loaders with workers pull indices as
@@ -145,7 +149,9 @@ class ResumableBatches:
         self.trained = 0
         self._ahead.clear()
         skip = plan["skip"] if plan else 0
-        inject: dict[int, dict[str, Any]] = plan["inject"] if plan else {}
+        inject: dict[int, dict[str, Any]] = dict(plan["inject"]) if plan else {}
+        if stream_now is not None and continue_at is not None:
+            inject[int(continue_at)] = stream_now
         source = iter(self.inner)
         for _ in range(skip):
             if next(source, None) is None:
@@ -189,11 +195,29 @@ class ResumableBatches:
             "sampler_epoch": self.sampler_epoch,
         }
 
+    def state_dict_owing_validation(self) -> dict[str, Any]:
+        """As :meth:`state_dict`, for a state that a resumed run continues after redoing a validation first.
+
+        The RNG at the next fetch is then the one the redone validation leaves (``continue_stream_at``),
+        not the one now; an epoch whose batches were all trained counts as finished.
+        """
+        state = self.state_dict()
+        if self.in_process:
+            position = max(self.yielded, self.trained)
+            state["inject"].pop(position, None)
+            state["continue_stream_at"] = position
+        try:
+            state["exhausted"] = state["exhausted"] or self.trained >= len(self)
+        except TypeError:  # a batch sampler without a length
+            pass
+        return state
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("format") != 1 or state.get("epoch_rng") is None:
             return
         self._plan = {"epoch_rng": state["epoch_rng"], "skip": int(state["skip"]), "sampler_epoch": state.get("sampler_epoch"),
-                      "inject": {int(k): v for k, v in state["inject"].items()}}
+                      "inject": {int(k): v for k, v in state["inject"].items()},
+                      "continue_stream_at": state.get("continue_stream_at")}
 
 
 def _seed_from_state(state: torch.Tensor) -> int:

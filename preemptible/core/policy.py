@@ -4,7 +4,7 @@
 schedule) into one vote (:mod:`preemptible.core.votes`); the agreement combines the votes of all
 ranks. :class:`PendingStop` is the one explicit state of a stop that was agreed but is not taken
 yet, because the trainer must first reach the place where the uninterrupted run would be (the next
-boundary after an epoch's last batch, the end of a validation that is due), and then of the stop
+boundary after an epoch's last batch, the start of a validation that is due), and then of the stop
 taken (the checkpoint written, waiting to leave).
 """
 
@@ -114,6 +114,10 @@ class Wait(enum.Enum):
     """Where an agreed decision waits before it is acted on."""
 
     NEXT_BOUNDARY = "next_boundary"
+    #: The trainer validates right after this boundary: the stop is taken when that validation starts,
+    #: saving the state from its start and owing the validation (the resumed run runs it first).
+    VALIDATION_START = "validation_start"
+    #: As above when the trainer cannot hand over the state at validation start: wait for the end.
     VALIDATION_END = "validation_end"
 
 
@@ -133,6 +137,8 @@ class Stopped:
     reason: str
     checkpoint: Optional[Path]
     over_limit: bool = False
+    #: The checkpoint holds the state from the start of a validation that the resumed run must run first.
+    owes_validation: bool = False
 
 
 class PendingStop:

@@ -44,6 +44,8 @@ class Event:
     #: an attempt that ended with neither 0 nor the requeue code (rank :data:`SUPERVISOR_RANK`)
     PEER_LOST = "peer_lost"  #: every rank that leaves because another rank died or froze (core/watchdog.py)
     FAULT_INJECTED = "fault_injected"  #: a rank about to do a testing fault to itself (core/inject.py)
+    VALIDATION_OWED = "validation_owed"  #: rank 0, a stop inside validation saved the state from its start
+    VALIDATION_REDONE = "validation_redone"  #: rank 0, a resumed run begins the validation its predecessor owed
 
 
 #: Fields every event has, written by the journal itself.
@@ -55,9 +57,9 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     Event.RESUME: ("checkpoint", "world_size", "attempt", "backend", "process_started"),
     Event.TRAIN_START: ("step", "epoch"),
     Event.PROGRESS: ("step", "epoch"),
-    Event.SIGNAL: ("signal", "count", "received_at", "step"),
+    Event.SIGNAL: ("signal", "count", "received_at", "step", "place", "batch"),
     Event.DEADLINE: ("step", "seconds_left", "needed"),
-    Event.STOP_AGREED: ("step", "reason"),
+    Event.STOP_AGREED: ("step", "reason", "place", "batch"),
     Event.STOP_CANCELLED: ("step", "reason"),
     Event.STOP_CAUSE: ("step", "cause", "action", "detail"),
     Event.CHECKPOINT: ("path", "step", "bytes", "seconds", "reason", "background", "signal_to_commit_seconds",
@@ -71,6 +73,8 @@ EVENT_FIELDS: dict[str, tuple[str, ...]] = {
     Event.CRASH: ("exit_code", "step", "checkpoint_step", "decision", "detail"),
     Event.PEER_LOST: ("lost_rank", "how", "seconds_silent", "code", "step"),
     Event.FAULT_INJECTED: ("action", "step"),
+    Event.VALIDATION_OWED: ("step", "batch", "path"),
+    Event.VALIDATION_REDONE: ("step",),
 }
 
 #: The ``rank`` of events written by a supervisor (the batch shell's decision, ``preemptible run``), not a rank.
@@ -93,6 +97,23 @@ class CrashDecision:
     CRASH_LIMIT = "crash_limit"  #: ``max_crash_requeues`` used up: final
     CANCELLED = "cancelled"  #: the job is being cancelled (``scancel``): never requeued
     SHELL_REQUEUE = "shell_requeue"  #: exit 144 and the ranks could not requeue: the batch shell does it
+
+
+class Place:
+    """Values of the ``place`` field of :attr:`Event.SIGNAL` and :attr:`Event.STOP_AGREED`: where in the loop
+    the signal was first looked at, or the stop was taken (``batch`` then counts batches of that place:
+    the optimizer step for training, the batch index inside a validation or the sanity check)."""
+
+    BEFORE_TRAINING = "before_training"  #: set-up, checkpoint loading, before the first step
+    SANITY_CHECK = "sanity_check"
+    TRAINING = "training"  #: an optimizer-step boundary
+    VALIDATION = "validation"  #: a validation batch boundary inside training (the state saved: its start)
+    VALIDATION_END = "validation_end"  #: after the last validation batch (``on_validation_epoch_end`` work)
+    EPOCH_START = "epoch_start"  #: between an epoch's end hooks and the next epoch's data
+
+
+#: Places where nothing new has been trained in the attempt: a stop there saves nothing.
+PLACES_BEFORE_TRAINING = (Place.BEFORE_TRAINING, Place.SANITY_CHECK)
 
 #: Events that open an attempt.
 ATTEMPT_OPENERS = (Event.START, Event.RESUME)
@@ -251,10 +272,15 @@ class TraceKind:
     TRAIN = "train"  #: one training batch: loss (float.hex), optionally a weights digest
     VAL = "val"  #: one validation batch outside the sanity check: loss
     FINAL = "final"  #: at the end of fit, per rank: the digest of the final weights
+    VAL_METRICS = "val_metrics"  #: at the end of a validation outside the sanity check: the logged metrics
+
+
+#: Kinds a resumed run records again when it redoes a validation that was interrupted (never a replay of training).
+REDONE_KINDS = (TraceKind.VAL, TraceKind.VAL_METRICS)
 
 
 #: The fields of every trace line (``loss``/``weights`` depend on the kind).
-TRACE_FIELDS = ("kind", "rank", "epoch", "batch", "step", "attempt", "loss", "weights")
+TRACE_FIELDS = ("kind", "rank", "epoch", "batch", "step", "attempt", "loss", "weights", "metrics")
 
 TraceKey = tuple[str, int, int, Optional[int], int]
 
@@ -265,13 +291,16 @@ class Trace:
 
     Attributes:
         entries: the last entry for each batch key.
-        duplicates: keys seen more than once (a batch trained again after a resume).
+        duplicates: keys seen more than once (a batch trained again after a resume); a validation batch
+            recorded again because an interrupted validation was redone is in ``redone`` instead.
+        redone: validation keys (:data:`REDONE_KINDS`) recorded more than once.
         final: rank → digest of its final weights.
         lines: every per-batch entry in file order, replays included (``final`` entries excepted).
     """
 
     entries: dict[TraceKey, dict[str, Any]] = field(default_factory=dict)
     duplicates: list[TraceKey] = field(default_factory=list)
+    redone: list[TraceKey] = field(default_factory=list)
     final: dict[int, str] = field(default_factory=dict)
     lines: list[dict[str, Any]] = field(default_factory=list)
 
@@ -311,6 +340,6 @@ def read_trace(path: str | os.PathLike[str]) -> Trace:
         trace.lines.append(entry)
         key = trace_key(entry)
         if key in trace.entries:
-            trace.duplicates.append(key)
+            (trace.redone if entry["kind"] in REDONE_KINDS else trace.duplicates).append(key)
         trace.entries[key] = entry
     return trace

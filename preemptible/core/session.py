@@ -5,8 +5,9 @@ loop): it owns the signal handlers that only record, resume discovery and valida
 lock, the votes and the agreement, the pending stop, the two-phase save through the store, the
 journal and ``run.json``, the requeue request and leaving with :class:`~preemptible.Preempted`.
 The adapter tells it where the loop is (``open``/``start``/``training_started``/``boundary``/
-``validation_ended``/``training_ended``/``finished``/``end``; ``leave`` once it is ``stopping``; ``abandon``
-on an error) and hands it a :class:`~preemptible.core.checkpointing.Snapshot` that dumps the trainer's state.
+``validation_started``/``validation_batch_end``/``validation_ended``/``epoch_started``/``training_ended``/
+``finished``/``end``; ``leave`` once it is ``stopping``; ``abandon`` on an error) and hands it a
+:class:`~preemptible.core.checkpointing.Snapshot` that dumps the trainer's state.
 It imports neither ``lightning`` nor ``pytorch_lightning``.
 
 A plain loop drives it directly: ``tests/scripts/plain_loop.py`` is a complete one (README: "Without
@@ -50,6 +51,7 @@ from preemptible.core.schema import (
     REASON_PERIODIC,
     Event,
     FailureKind,
+    Place,
     RequeueOutcomeName,
     RunRecordKey,
     RunStatus,
@@ -106,6 +108,7 @@ class PreemptionSession:
         #: Called (on the watchdog's thread) right before a rank leaves because a peer was lost; an adapter
         #: adds what must happen first (the Lightning one stops its launcher from killing this process).
         self.on_peer_lost: list[Callable[[], None]] = []
+        self._owed: Optional[Snapshot] = None  # the state from the start of the validation under way
         self.active = False
         self.signals.install()
 
@@ -187,18 +190,9 @@ class PreemptionSession:
             self.run.journal.append(Event.TRAIN_START, step=step, epoch=epoch)
             assert self._progress is not None
             self._progress.report(step, epoch, force=True)
-        note = self.signals.note
-        self._journal_signal(step)
-        over_limit = self._over_requeue_limit()  # read before the agreement: rank 0 updates the record after it
-        decided = self.agreement.now(votes.for_signal(note.signum) if note else votes.NOTHING)
-        if not votes.is_stop(decided):
-            return False
-        self.pending.stopped(Stopped(step=step, reason=votes.reason(decided), checkpoint=self.resumed_from,
-                                     over_limit=over_limit))
-        if self.is_global_zero:
-            self.run.journal.append(Event.STOP_AGREED, step=step, reason=votes.reason(decided))
-        self._decide_cause(step, votes.reason(decided))
-        return True
+        if self.stopping:  # already stopped in the sanity check
+            return True
+        return self._stop_before_training(step, Place.BEFORE_TRAINING)
 
     # -- during training -----------------------------------------------------------------------------
     def boundary(self, step: int, epoch: int, snapshot: Snapshot, *, epoch_ends: bool = False,
@@ -230,6 +224,9 @@ class PreemptionSession:
             self._act(decided, snapshot, step, epoch)
         elif not decided:
             return
+        elif votes.is_stop(decided) and validation_due():
+            # Taken when that validation starts, owing it: the resumed run validates first, as this one would have.
+            self.pending.defer(decided, Wait.VALIDATION_START)
         elif epoch_ends:
             self.pending.defer(decided, Wait.NEXT_BOUNDARY)
         elif validation_due():
@@ -237,11 +234,74 @@ class PreemptionSession:
         else:
             self._act(decided, snapshot, step, epoch)
 
-    def validation_ended(self, step: int, epoch: int, snapshot: Snapshot) -> None:
-        """Every rank, after a validation inside training: act on a stop that waited for it."""
+    # -- validation inside training, and the sanity check ---------------------------------------------
+    def validation_started(self, step: int, epoch: int, owed: Optional[Snapshot], redone: bool = False) -> None:
+        """Every rank, when a validation inside training begins (not the sanity check).
+
+        ``owed`` dumps the training state as it was when this validation started, marked so that the
+        resumed run runs this validation again from its first batch (the adapter builds it; weights
+        and optimizer do not change during validation, so only the loop's progress and every rank's
+        small state need capturing). A stop taken before the validation ends writes it, so no stop
+        waits for a validation to finish. ``None``: the trainer cannot do that; a stop then waits for
+        the validation's end (:meth:`validation_ended`).
+        """
+        self._owed = owed
+        if redone and self.is_global_zero:  # ``redone``: the validation a checkpoint owed, run again by this attempt
+            self.run.journal.append(Event.VALIDATION_REDONE, step=step)
+        decided = self.pending.take(Wait.VALIDATION_START)
+        if decided and owed is not None:
+            self._emergency(decided, owed, step, epoch, place=Place.VALIDATION, batch=0, owes_validation=True)
+        elif decided:
+            self.pending.defer(decided, Wait.VALIDATION_END)
+
+    def validation_batch_end(self, step: int, epoch: int, batch: int, sanity_check: bool = False) -> bool:
+        """Every rank, after each validation batch (``batch``: its index), the sanity check's included.
+
+        A blocking agreement (the ranks meet here anyway: every rank runs the same validation
+        batches), so a signal to any rank stops all of them at the same validation batch. Inside
+        training the state from the validation's start is saved; in the sanity check nothing was
+        trained, so nothing is saved. Returns whether the run is stopping (then call :meth:`leave`).
+        """
+        if not self.pending.idle:  # stopped already, or a stop waits for the end of this validation
+            return self.stopping
+        if sanity_check:
+            return self._stop_before_training(step, Place.SANITY_CHECK, batch)
+        decided = self.agreement.now(self._stop_vote(step, Place.VALIDATION, batch))
+        if not votes.is_stop(decided):
+            return False
+        if self._owed is not None:
+            self._emergency(decided, self._owed, step, epoch, place=Place.VALIDATION, batch=batch, owes_validation=True)
+        else:
+            self.pending.defer(decided, Wait.VALIDATION_END)
+        return self.stopping
+
+    def validation_ended(self, step: int, epoch: int, snapshot: Snapshot) -> bool:
+        """Every rank, after a validation inside training: act on a stop that waited for it, or on a signal that
+        came during the validation's end-of-epoch work. Returns whether to leave now: the stop owes this
+        validation (otherwise the adapter leaves at its next training batch, letting others finish the validation)."""
+        owed, self._owed = self._owed, None
         decided = self.pending.take(Wait.VALIDATION_END)
         if decided:
             self._act(decided, snapshot, step, epoch)
+        elif self.pending.idle:
+            decided = self.agreement.now(self._stop_vote(step, Place.VALIDATION_END))
+            if votes.is_stop(decided):
+                # The state from the validation's start, owing it, rather than the one after it: a checkpoint
+                # taken after an epoch's last validation is not resumed exactly by every trainer.
+                self._emergency(decided, owed or snapshot, step, epoch, place=Place.VALIDATION_END,
+                                owes_validation=owed is not None)
+        return self.pending.stop is not None and self.pending.stop.owes_validation
+
+    def epoch_started(self, step: int, epoch: int) -> bool:
+        """Every rank, when an epoch begins, before its data loaders start (and their workers): a stop agreed here
+        waits for the epoch's first boundary (the data position is the previous epoch's end), but the vote is
+        cast now, so the ranks agree during the loader start-up instead of one step later."""
+        if not self.pending.idle:
+            return self.stopping
+        decided = self.agreement.now(self._stop_vote(step, Place.EPOCH_START))
+        if votes.is_stop(decided):
+            self.pending.defer(decided, Wait.NEXT_BOUNDARY)
+        return False
 
     @property
     def stopping(self) -> bool:
@@ -453,15 +513,36 @@ class PreemptionSession:
         except OSError as exc:  # the original error matters more than its journal line
             log.warning("preemptible: could not journal the failure: %s", exc)
 
-    def _journal_signal(self, step: int) -> None:
+    def _journal_signal(self, step: int, place: str = Place.TRAINING, batch: Optional[int] = None) -> None:
         """Every rank that received a signal journals it once, at the first point it looks (never in the handler)."""
         note = self.signals.note
         if note is not None and not self._signal_logged:
             self._signal_logged = True
-            self.run.journal.append(Event.SIGNAL, signal=note.name, count=note.count, received_at=note.first_at, step=step)
+            self.run.journal.append(Event.SIGNAL, signal=note.name, count=note.count, received_at=note.first_at, step=step,
+                                    place=place, batch=step if place == Place.TRAINING else batch)
 
-    def _vote(self, step: int) -> int:
-        self._journal_signal(step)
+    def _stop_before_training(self, step: int, place: str, batch: Optional[int] = None) -> bool:
+        """A blocking agreement before this attempt's first step: a stop there has nothing new to save."""
+        note = self.signals.note
+        self._journal_signal(step, place, batch)
+        over_limit = self._over_requeue_limit()  # read before the agreement: rank 0 updates the record after it
+        decided = self.agreement.now(votes.for_signal(note.signum) if note else votes.NOTHING)
+        if not votes.is_stop(decided):
+            return False
+        self.pending.stopped(Stopped(step=step, reason=votes.reason(decided), checkpoint=self.resumed_from,
+                                     over_limit=over_limit))
+        if self.is_global_zero:
+            self.run.journal.append(Event.STOP_AGREED, step=step, reason=votes.reason(decided), place=place, batch=batch)
+        self._decide_cause(step, votes.reason(decided))
+        return True
+
+    def _stop_vote(self, step: int, place: str, batch: Optional[int] = None) -> int:
+        """This rank's vote outside an optimizer-step boundary: a signal or the deadline (never a periodic save)."""
+        vote = self._vote(step, place, batch)
+        return vote if votes.is_stop(vote) else votes.NOTHING
+
+    def _vote(self, step: int, place: str = Place.TRAINING, batch: Optional[int] = None) -> int:
+        self._journal_signal(step, place, batch)
         vote = self.policy.vote(step, self.signals.note)  # the recorder's plain attributes: no lock, cheap
         if vote == votes.DEADLINE:
             deadline = self.policy.deadline
@@ -497,14 +578,18 @@ class PreemptionSession:
             return
         self._save(snapshot, step, epoch, reason=REASON_PERIODIC, background=self.config.async_save)
 
-    def _emergency(self, decided: int, snapshot: Snapshot, step: int, epoch: int) -> None:
-        """Every rank, same step: write the emergency checkpoint; the adapter leaves at its next safe point."""
+    def _emergency(self, decided: int, snapshot: Snapshot, step: int, epoch: int, place: str = Place.TRAINING,
+                   batch: Optional[int] = None, owes_validation: bool = False) -> None:
+        """Every rank, same step: write the emergency checkpoint; the adapter leaves at its next safe point.
+
+        ``owes_validation``: ``snapshot`` holds the state from the start of the validation under way."""
         reason = votes.reason(decided)
         self.background.wait()
         # Every rank reads the requeue count before the save's collectives; rank 0 updates it only after them.
         over_limit = self._over_requeue_limit()
         if self.is_global_zero:
-            self.run.journal.append(Event.STOP_AGREED, step=step, reason=reason)
+            self.run.journal.append(Event.STOP_AGREED, step=step, reason=reason, place=place,
+                                    batch=step if place == Place.TRAINING else batch)
         path = self.resumed_from
         if not self._nothing_new_since_resume(step):
             note = self.signals.note
@@ -512,8 +597,11 @@ class PreemptionSession:
             path = stored.path if stored else None
             if stored is not None and stored.record.save_seconds:
                 self.policy.save_seconds = stored.record.save_seconds
+            if owes_validation and self.is_global_zero:
+                self.run.journal.append(Event.VALIDATION_OWED, step=step, batch=batch, path=str(path) if path else None)
         self._decide_cause(step, reason)
-        self.pending.stopped(Stopped(step=step, reason=reason, checkpoint=path, over_limit=over_limit))
+        self.pending.stopped(Stopped(step=step, reason=reason, checkpoint=path, over_limit=over_limit,
+                                     owes_validation=owes_validation))
 
     def _save(self, snapshot: Snapshot, step: int, epoch: int, reason: str, signal_at: Optional[float] = None,
               background: bool = False) -> Optional[StoredCheckpoint]:

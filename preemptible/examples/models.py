@@ -39,11 +39,15 @@ class NoisyBlobs(Dataset):
 
 
 class TinyModel(pl.LightningModule):
-    def __init__(self, dim: int = 16, hidden: int = 32, lr: float = 0.1, step_sleep: float = 0.0, onecycle: bool = False) -> None:
+    def __init__(self, dim: int = 16, hidden: int = 32, lr: float = 0.1, step_sleep: float = 0.0, onecycle: bool = False,
+                 val_sleep: float | None = None, epoch_end_sleep: float = 0.0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(0.2), nn.Linear(hidden, 2))
         self.step_sleep = step_sleep
+        # Pacing only (never a number): slow validation batches and end-of-epoch work, for tests and benchmarks.
+        self.val_sleep = step_sleep if val_sleep is None else val_sleep
+        self.epoch_end_sleep = epoch_end_sleep
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -58,9 +62,13 @@ class TinyModel(pl.LightningModule):
         # Dropout is off in eval mode; the noise in the dataset still draws from the RNG.
         loss = nn.functional.cross_entropy(self.net(x), y)
         self.log("val_loss", loss, sync_dist=True)
-        if self.step_sleep:
-            time.sleep(self.step_sleep)
+        if self.val_sleep:
+            time.sleep(self.val_sleep)
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        if self.epoch_end_sleep:
+            time.sleep(self.epoch_end_sleep)
 
     def configure_optimizers(self) -> Any:
         # hparams is typed as a MutableMapping: index it (save_hyperparameters() stored both values).
@@ -77,10 +85,11 @@ class BlobsData(pl.LightningDataModule):
     """Shuffled train loader: a plain ``DataLoader`` by default, torchdata's ``StatefulDataLoader`` with ``stateful=True``."""
 
     def __init__(self, samples: int = 512, batch_size: int = 16, num_workers: int = 0, seed: int = 0,
-                 stateful: bool = False) -> None:
+                 stateful: bool = False, val_samples: int = 0) -> None:
         super().__init__()
         self.samples, self.batch_size, self.num_workers, self.seed = samples, batch_size, num_workers, seed
         self.stateful = stateful
+        self.val_samples = val_samples  # at least this many validation samples (long validations for tests)
 
     def train_dataloader(self) -> Any:
         dataset = NoisyBlobs(self.samples, seed=self.seed)
@@ -98,7 +107,8 @@ class BlobsData(pl.LightningDataModule):
         return StatefulDataLoader(dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(NoisyBlobs(max(self.samples // 4, self.batch_size), seed=self.seed + 1), batch_size=self.batch_size,
+        size = max(self.samples // 4, self.batch_size, self.val_samples)
+        return DataLoader(NoisyBlobs(size, seed=self.seed + 1), batch_size=self.batch_size,
                           num_workers=0)
 
 

@@ -34,11 +34,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slow-attempts", type=int, default=None, metavar="N",
                    help="apply --step-sleep only in the first N attempts (PREEMPTIBLE_ATTEMPT or SLURM_RESTART_COUNT)")
     p.add_argument("--sanity-steps", type=int, default=0, help="validation batches in the sanity check (needs --val-every)")
+    p.add_argument("--val-batches", type=int, default=2, help="validation batches per validation (limit_val_batches)")
+    p.add_argument("--val-sleep", type=float, default=None,
+                   help="seconds to sleep in each validation batch (default: --step-sleep), for slow validations")
+    p.add_argument("--epoch-end-sleep", type=float, default=0.0, help="seconds of work in on_train_epoch_end")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--record", default=None, help="append per-batch losses and final weights digest (JSON lines)")
     p.add_argument("--signal-at", action="append", default=None, metavar="POINT",
-                   help="testing: the process sends itself SIGUSR1 at POINT ('N', 'N+' or 'vN', see "
-                        "preemptible.tools.testing.SignalAtStep); repeat for later attempts")
+                   help="testing: the process sends itself SIGUSR1 at POINT ('N', 'N+', 'vN', 'vN:K', 'vN:end', "
+                        "'sanity', 'load', 'eN', see preemptible.tools.testing.SignalAtStep); repeat for later attempts")
     p.add_argument("--signal-rank", type=int, action="append", default=None, help="testing: only this rank signals itself")
     p.add_argument("--signal-name", default="USR1",
                    help="testing: the signal --signal-at sends (KILL: a crash without warning, STOP: a frozen rank)")
@@ -97,13 +101,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         resume = cb.resume_path()
     # --slow-until-resumed: sleep in steps only until the first preemption (the relaunch runs at full speed);
     # --slow-attempts N: only in the first N attempts.
-    sleep = args.step_sleep if not (args.slow_until_resumed and resume) else 0.0
+    slow = not (args.slow_until_resumed and resume)
     if args.slow_attempts is not None:
         from preemptible.core.environment import JobEnvironment
 
-        if JobEnvironment.from_env().restart_count >= args.slow_attempts:
-            sleep = 0.0
-    model = TinyModel(step_sleep=sleep, onecycle=args.onecycle)
+        slow = slow and JobEnvironment.from_env().restart_count < args.slow_attempts
+    model = TinyModel(step_sleep=args.step_sleep if slow else 0.0, onecycle=args.onecycle,
+                      val_sleep=(args.val_sleep if args.val_sleep is not None else args.step_sleep) if slow else 0.0,
+                      epoch_end_sleep=args.epoch_end_sleep if slow else 0.0)
     callbacks: list = [cb]
     if args.record:
         callbacks.append(StepRecorder(args.record))
@@ -116,11 +121,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.hold_for_signal or args.hold_until_exists:
         callbacks.append(_hold_callback(pl, args.hold_for_signal or [], args.hold_until_exists))
     data = BlobsData(samples=args.samples, batch_size=args.batch_size, num_workers=args.num_workers,
-                     stateful=args.stateful_loader)
+                     stateful=args.stateful_loader,
+                     val_samples=args.val_batches * args.batch_size * args.devices * args.num_nodes)
     val_kwargs: dict = {"limit_val_batches": 0}
     if args.val_every is not None:
         every = int(args.val_every) if args.val_every > 1 else args.val_every
-        val_kwargs = {"val_check_interval": every, "limit_val_batches": 2, "num_sanity_val_steps": args.sanity_steps}
+        val_kwargs = {"val_check_interval": every, "limit_val_batches": args.val_batches,
+                      "num_sanity_val_steps": args.sanity_steps}
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=args.devices,

@@ -30,7 +30,7 @@ from preemptible.lightning.compat import check_checkpoint_fits
 from preemptible.lightning.loaders import LoaderTracker
 from preemptible.lightning.loggers import export_wandb_run_id, keep_logger_versions
 from preemptible.lightning.resume import choose_checkpoint, newest_checkpoint
-from preemptible.lightning.saving import LightningSnapshot, packed_state, warn_if_short_of_space
+from preemptible.lightning.saving import LightningSnapshot, ValidationStartSnapshot, packed_state, warn_if_short_of_space
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,10 @@ class PreemptionCallback:
         self._snapshot: Optional[LightningSnapshot] = None
         self._validation_due: Callable[[], bool] = lambda: False
         self._resume_asked = False
+        # This rank's state after the training batch that a validation follows (or, resumed, the one that
+        # owes a validation): saved, with the loop's progress from the validation's start, by a stop inside it.
+        self._owed_rank_state: Optional[dict[str, Any]] = None
+        self._redo_validation = False
         if "wandb" in sys.modules or importlib.util.find_spec("wandb") is not None:
             try:
                 export_wandb_run_id(self.session.run)
@@ -210,6 +214,33 @@ class PreemptionCallback:
     def on_sanity_check_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self.session.signals.install()
 
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # After the previous epoch's end hooks, before this epoch's loader (and its workers) starts.
+        self.session.epoch_started(trainer.global_step, trainer.current_epoch)
+
+    def on_validation_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.sanity_checking or self._snapshot is None:
+            return
+        redone, self._redo_validation = self._redo_validation, False
+        if redone:
+            hooks.settle_redone_validation_progress(trainer)
+        owed = None
+        loops = hooks.fit_loop_state_owing_validation(trainer) if self._owed_rank_state is not None else None
+        if loops is not None and self._owed_rank_state is not None:
+            owed = ValidationStartSnapshot(self._snapshot, loops, self._owed_rank_state)
+        self._owed_rank_state = None
+        self.session.validation_started(trainer.global_step, trainer.current_epoch, owed, redone=redone)
+        if self.session.stopping:
+            self._leave(trainer)
+
+    def on_validation_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self.session.active:
+            return
+        if self.session.validation_batch_end(trainer.global_step, trainer.current_epoch, batch_idx,
+                                             sanity_check=trainer.sanity_checking):
+            self._leave(trainer)
+
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._loaders.at_train_start()
         # A signal that came before the first step (during set-up or the sanity check): stop now.
@@ -227,16 +258,23 @@ class PreemptionCallback:
         progress = trainer.fit_loop.epoch_loop.batch_progress
         self._loaders.note_trained(progress.current.ready)
         assert self._snapshot is not None
+        due = self._validation_due()
+        if due:
+            # Validation comes next: keep this rank's state as it is before validation draws anything.
+            self._owed_rank_state = {"rng": capture_rng(), "loaders": self._loaders.state(trainer, owing_validation=True),
+                                     "validation_owed": True}
         # Lightning (2.6) resumes a checkpoint taken on an epoch's last batch one epoch too far (the next
         # epoch is counted but never trained): such a stop waits for the next boundary, after the epoch's
         # end-of-epoch validation and hooks, like an uninterrupted run. A stop agreed where validation is
-        # due waits for it, so the resumed run neither skips that validation nor shifts the random stream.
+        # due is taken when it starts, owing it, so the resumed run neither skips that validation nor
+        # shifts the random stream.
         self.session.boundary(trainer.global_step, trainer.current_epoch, self._snapshot,
-                              epoch_ends=progress.is_last_batch, validation_due=self._validation_due)
+                              epoch_ends=progress.is_last_batch, validation_due=lambda: due)
 
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not trainer.sanity_checking and self._snapshot is not None:
-            self.session.validation_ended(trainer.global_step, trainer.current_epoch, self._snapshot)
+            if self.session.validation_ended(trainer.global_step, trainer.current_epoch, self._snapshot):
+                self._leave(trainer)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         assert self._snapshot is not None
@@ -274,6 +312,10 @@ class PreemptionCallback:
             warnings.warn(f"preemptible: the checkpoint holds the random state of {len(ranks)} rank(s), this is rank "
                           f"{rank}; its random streams start fresh and the continuation will not be bit-exact", stacklevel=2)
         self._loaders.set_resume(loaded)
+        if loaded is not None and loaded.get("validation_owed"):
+            # The checkpoint was taken inside a validation: the resumed fit loop runs it first, and a stop
+            # during that redone validation keeps this very state.
+            self._owed_rank_state, self._redo_validation = loaded, True
 
     # -- internals ------------------------------------------------------------------------------------------
     def _rank_state(self, trainer: Optional["pl.Trainer"]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ the whole callback. Nothing else under ``preemptible/`` touches a private Lightn
 
 from __future__ import annotations
 
+import copy
 import threading
 import warnings
 from typing import TYPE_CHECKING, Any, Callable, Optional
@@ -60,6 +61,41 @@ def validation_due(trainer: "pl.Trainer") -> bool:
     except Exception:  # noqa: BLE001 - a private helper changed shape: save now rather than guess
         _moved("fit_loop.epoch_loop._should_check_val_fx(data_fetcher) of the known signature")
         return False
+
+
+def fit_loop_state_owing_validation(trainer: "pl.Trainer") -> dict[str, Any] | None:
+    """The fit loop's state now, at the start of a validation, made to say "this validation started, no batch done".
+
+    Lightning 2.6 resumes such a state by running the validation before training on ("restarted mid
+    evaluation"), and with no validation batch counted as done it runs it from its first batch.
+    Everything else in the state is what the loop holds at validation start (training progress,
+    ``_batches_that_stepped``), which resumes as a checkpoint taken at validation end does.
+    checked: 2.6 — ``fit_loop.state_dict()``'s ``epoch_loop.val_loop.batch_progress`` (``_BatchProgress``:
+    ``total``/``current`` with ready/started/processed/completed, ``is_last_batch``), and
+    ``_EvaluationLoop.update_restart_stage`` (mid evaluation: started == ready, processed == started - 1).
+    ``None`` when the layout moved: the stop then waits for the validation's end.
+    """
+    state = copy.deepcopy(trainer.fit_loop.state_dict())
+    progress = state.get("epoch_loop.val_loop.batch_progress")
+    counters = ("ready", "started", "processed", "completed")
+    known = isinstance(progress, dict) and all(
+        isinstance(progress.get(part), dict) and all(c in progress[part] for c in counters) for part in ("total", "current"))
+    if not known or not isinstance(progress, dict):
+        _moved("fit_loop.state_dict()['epoch_loop.val_loop.batch_progress'] of the known layout")
+        return None
+    done = progress["total"]["completed"]
+    progress["total"].update(ready=done + 1, started=done + 1, processed=done, completed=done)
+    progress["current"].update(ready=1, started=1, processed=0, completed=0)
+    progress["is_last_batch"] = False
+    return state
+
+
+def settle_redone_validation_progress(trainer: "pl.Trainer") -> None:
+    """At the start of a redone validation: the epoch's validation totals that the state above left one batch
+    ahead go back to what the uninterrupted run has there (otherwise a later checkpoint of this epoch
+    would look "mid evaluation" again). checked: 2.6 — ``val_loop.batch_progress.total``."""
+    total: Any = trainer.fit_loop.epoch_loop.val_loop.batch_progress.total  # a _ProcessedTracker at run time
+    total.ready = total.started = total.processed = total.completed
 
 
 def logger_experiment_created(logger: Any) -> bool:

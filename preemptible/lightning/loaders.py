@@ -36,6 +36,7 @@ class LoaderTracker:
             return
         states = plan.get("loaders") or []
         rng = plan.get("rng")
+        owes_validation = bool(plan.get("validation_owed"))
         in_process_resume = False
         epoch_finished = bool(states) and all(s is not None and s.get("exhausted") for s in states)
         for i, (wrapper, state) in enumerate(zip(self.wrappers, states)):
@@ -46,7 +47,11 @@ class LoaderTracker:
                 in_process_resume = in_process_resume or wrapper.in_process
         if rng is None:
             return
-        if epoch_finished:
+        if owes_validation:
+            # The validation this state owes runs first: its stream starts from the RNG saved with it, put
+            # back when training starts, before that validation's loader exists.
+            self._rng_pending = rng
+        elif epoch_finished:
             restore_rng(rng)  # before the next epoch's iterator draws its seeds, as in the uninterrupted run
         elif not in_process_resume:
             # Workers (or a loader of the user's own) load the data: the main process's stream resumes once
@@ -99,7 +104,8 @@ class LoaderTracker:
                 wrapper.trained = batches_this_epoch
 
     # -- saving -------------------------------------------------------------------------------------
-    def state(self, trainer: Optional["pl.Trainer"]) -> list[Optional[dict[str, Any]]]:
+    def state(self, trainer: Optional["pl.Trainer"], owing_validation: bool = False) -> list[Optional[dict[str, Any]]]:
+        """Every train loader's position; ``owing_validation``: for a state that resumes by redoing a validation."""
         trained = _batches_trained_this_epoch(trainer) if trainer is not None else None
         out: list[Optional[dict[str, Any]]] = []
         for i, wrapper in enumerate(self.wrappers):
@@ -111,7 +117,7 @@ class LoaderTracker:
                 continue
             if trained is not None:
                 wrapper.trained = trained
-            out.append(wrapper.state_dict())
+            out.append(wrapper.state_dict_owing_validation() if owing_validation else wrapper.state_dict())
         return out
 
     # -- resuming -----------------------------------------------------------------------------------

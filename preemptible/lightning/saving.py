@@ -65,6 +65,37 @@ class LightningSnapshot:
         return parameter_bytes(self.trainer.lightning_module)
 
 
+class ValidationStartSnapshot:
+    """The :class:`~preemptible.core.checkpointing.Snapshot` of a stop inside a validation: the state from its start.
+
+    A validation changes neither weights nor optimizer, so the checkpoint is dumped live at the stop
+    and only what validation moves is taken from its start: the fit loop's progress (marked as owing
+    the validation, see :func:`preemptible.lightning.hooks.fit_loop_state_owing_validation`) and this
+    rank's own state (RNG and data position, captured after the training batch that the validation
+    follows, before its loader drew anything).
+    """
+
+    def __init__(self, live: LightningSnapshot, fit_loop_state: dict[str, Any], rank_state: dict[str, Any]) -> None:
+        self.live = live
+        self.streams = live.streams
+        self._fit_loop_state = fit_loop_state
+        self._rank_state = rank_state
+
+    def rank_state(self) -> dict[str, Any]:
+        return self._rank_state
+
+    def dump(self, rank_states: list[dict[str, Any]]) -> Any:
+        checkpoint = self.live.dump(rank_states)
+        checkpoint.setdefault("loops", {})["fit_loop"] = self._fit_loop_state
+        return checkpoint
+
+    def write(self, checkpoint: Any, path: str) -> None:
+        self.live.write(checkpoint, path)
+
+    def parameter_bytes(self) -> int:
+        return self.live.parameter_bytes()
+
+
 def warn_if_short_of_space(store: CheckpointStore, pl_module: "pl.LightningModule") -> None:
     """Say at start, not at the emergency, when the checkpoint directory cannot hold two more checkpoints."""
     import psutil

@@ -23,7 +23,7 @@ from preemptible.core.crashes import decide
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.exit import REQUEUE_EXIT_CODE
 from preemptible.core.rundir import RunDirError, read_progress, resolve_run_dir
-from preemptible.core.schema import JOURNAL_FILE, PROGRESS_FILE, Event, read_events
+from preemptible.core.schema import JOURNAL_FILE, PLACES_BEFORE_TRAINING, PROGRESS_FILE, Event, read_events
 from preemptible.core.signals import parse_signal
 
 
@@ -79,6 +79,9 @@ class Attempt:
     signal_step: Optional[int] = None
     signal_name: Optional[str] = None
     stop_step: Optional[int] = None
+    #: Where the stop was taken (:class:`~preemptible.core.schema.Place`) and at which batch of that place.
+    stop_place: Optional[str] = None
+    stop_batch: Optional[int] = None
     checkpoint: Optional[str] = None
     save_seconds: Optional[float] = None
     signal_to_commit: Optional[float] = None
@@ -87,6 +90,12 @@ class Attempt:
     timed_out: bool = False
     #: the stop's cause as the run journaled it (``cancelled``, ``requested``, ...; see ``core.cause``)
     stop_cause: Optional[str] = None
+
+    @property
+    def stopped_before_training(self) -> bool:
+        """The stop came before this attempt's first step (set-up, loading, the sanity check): nothing to save."""
+        return self.stop_place in PLACES_BEFORE_TRAINING or (
+            self.stop_step is not None and self.stop_step == self.resumed_from_step)
 
 
 @dataclass
@@ -290,7 +299,7 @@ class LocalSupervisor:
             for e in mine:
                 kind = e.get("event")
                 if kind == Event.STOP_AGREED:
-                    a.stop_step = e.get("step")
+                    a.stop_step, a.stop_place, a.stop_batch = e.get("step"), e.get("place"), e.get("batch")
                 elif kind == Event.CHECKPOINT:
                     a.checkpoint, a.save_seconds = e.get("path"), e.get("seconds")
                     a.signal_to_commit = e.get("signal_to_commit_seconds")

@@ -92,7 +92,7 @@ def assert_resumed_on_same_step(summary: RunSummary, *, min_preemptions: int = 1
             "rank 0 in the run's journal)")
         # A stop before the attempt's first step (a signal during set-up) has nothing new to save: the state
         # is the one the attempt started from (a fresh start, or the checkpoint it resumed), so no checkpoint.
-        stopped_before_training = before.stop_step == before.resumed_from_step
+        stopped_before_training = before.stopped_before_training
         assert before.checkpoint is not None or stopped_before_training, (
             f"attempt {i} stopped at step {before.stop_step} but committed no checkpoint (no checkpoint event "
             f"of rank 0 in the run's journal; it had started training at step {before.resumed_from_step})")

@@ -89,6 +89,12 @@ class StepRecorder(pl.Callback):
         if not trainer.sanity_checking and loss is not None:
             self._write(trainer, TraceKind.VAL, batch_idx, loss=float(loss.detach()).hex())
 
+    def on_validation_end(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule") -> None:
+        # What the validation logged (its epoch-level aggregates), as the loggers receive it.
+        if not trainer.sanity_checking:
+            metrics = {k: float(v).hex() for k, v in sorted(trainer.callback_metrics.items()) if k.startswith("val")}
+            self._write(trainer, TraceKind.VAL_METRICS, metrics=metrics)
+
     def on_fit_end(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule") -> None:
         self._write(trainer, TraceKind.FINAL, weights=state_digest(pl_module))
         if self.final_state:
@@ -101,7 +107,11 @@ class SignalAtStep(pl.Callback):
     Points: ``"0"`` — when fit starts, before the first batch; ``"N"`` — right after the batch
     that completed optimizer step N; ``"N+"`` — after the
     next batch (inside a gradient-accumulation window when accumulating); ``"vN"`` — at the first
-    validation batch while the global step is N.
+    validation batch while the global step is N; ``"vN:K"`` — at the start of validation batch K
+    then; ``"vN:end"`` — in ``on_validation_epoch_end`` then; ``"sanity"`` — at the first batch of
+    the sanity check; ``"load"`` — while the trainer restores a checkpoint (``on_load_checkpoint``);
+    ``"eN"`` — when epoch N starts, before its loader (and its workers) starts; ``"eN:end"`` — in
+    ``on_train_epoch_end`` of epoch N.
 
     Args:
         at: one point per attempt (``PREEMPTIBLE_ATTEMPT``/``SLURM_RESTART_COUNT`` picks it); attempts
@@ -128,9 +138,26 @@ class SignalAtStep(pl.Callback):
         if self.point == "0":
             self._fire(trainer)
 
+    def on_load_checkpoint(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule",
+                           checkpoint: dict[str, Any]) -> None:
+        if self.point == "load":
+            self._fire(trainer)
+
+    def on_train_epoch_start(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule") -> None:
+        if self.point == f"e{trainer.current_epoch}":
+            self._fire(trainer)
+
+    def on_train_epoch_end(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule") -> None:
+        if self.point == f"e{trainer.current_epoch}:end":
+            self._fire(trainer)
+
+    def on_validation_epoch_end(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule") -> None:
+        if self.point == f"v{trainer.global_step}:end" and not trainer.sanity_checking:
+            self._fire(trainer)
+
     def on_train_batch_end(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.point is None or self.point.startswith("v") or self.point == "0":
+        if self.point is None or not self.point.rstrip("+").isdigit() or self.point == "0":
             return
         step = int(self.point.rstrip("+"))
         if self._armed_after_step:
@@ -143,9 +170,12 @@ class SignalAtStep(pl.Callback):
 
     def on_validation_batch_start(self, trainer: "pltypes.Trainer", pl_module: "pltypes.LightningModule", batch: Any,
                                   batch_idx: int, dataloader_idx: int = 0) -> None:
-        if (self.point and self.point.startswith("v") and not trainer.sanity_checking
-                and trainer.global_step == int(self.point[1:])):
+        if self.point == "sanity" and trainer.sanity_checking and batch_idx == 0:
             self._fire(trainer)
+        elif self.point and self.point.startswith("v") and not trainer.sanity_checking:
+            step, _, at = self.point[1:].partition(":")
+            if trainer.global_step == int(step) and (at == "" and batch_idx == 0 or at == str(batch_idx)):
+                self._fire(trainer)
 
 
 def preemption_signal_recorded() -> bool:

@@ -23,7 +23,7 @@ import pytest
 from helpers import assert_same_as_reference, example_command
 
 from preemptible.core.cause import Action
-from preemptible.core.schema import Event, RequeueOutcomeName, StopCauseName, TraceKind, read_events
+from preemptible.core.schema import Event, Place, RequeueOutcomeName, StopCauseName, TraceKind, read_events
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -156,12 +156,12 @@ def assert_stopped_for(job: Job, attempt: int, cause: str, action: str) -> int:
     return int(stop)
 
 
-def assert_finished_like_reference(job: Job, reference: Callable[..., Path], restarts: int = 1) -> None:
+def assert_finished_like_reference(job: Job, reference: Callable[..., Path], restarts: int = 1, **config: Any) -> None:
     info = job.wait_state("COMPLETED")
     assert info["ExitCode"] == "0:0", info
     assert int(info["Restarts"]) == restarts, f"expected {restarts} requeue(s): {info}{job.log_tail()}"
     assert_resumed_where_it_stopped(job, restarts)
-    assert_same_as_reference(job.record, reference(max_steps=STEPS, devices=RANKS))
+    assert_same_as_reference(job.record, reference(max_steps=STEPS, devices=RANKS, **config))
     # Every attempt wrote to the one append-mode log.
     assert job.log_text().count("preemptible: job ") == restarts + 1, job.log_tail()
 
@@ -244,3 +244,32 @@ def test_requeue_limit_stops_requeueing(tmp_path: Path, slurm_cluster: SlurmClus
     assert "requeue limit reached" in job.log_text(), job.log_tail()
     outcomes = [e.get("outcome") for e in job.events() if e["event"] == Event.REQUEUE]
     assert outcomes == [RequeueOutcomeName.LIMIT_REACHED], outcomes
+
+
+#: A validation of 90 batches of 1 s at step 4: far longer than the ``low`` partition's GraceTime of 20 s (and than
+#: the scheduler takes to preempt).
+LONG_VALIDATION = {"val_every": 4, "val_batches": 90}
+
+
+@pytest.mark.timeout(2 * JOB_TIMEOUT)
+def test_preempted_during_a_validation_longer_than_the_grace_time(tmp_path: Path, slurm_cluster: SlurmCluster,
+                                                                   slurm_jobs: list[str], reference_run) -> None:
+    """A ``high`` job preempts ours while it validates (90 s of validation, 20 s of GraceTime): the stop is taken
+    at the next validation batch, the checkpoint (the state from the validation's start, owing it) is committed
+    before SIGKILL, and the requeued job redoes that validation and ends bitwise like an uninterrupted run."""
+    reference_run(max_steps=STEPS, devices=RANKS, **LONG_VALIDATION)
+    job = Job(tmp_path, slurm_cluster, slurm_jobs, "longval", 0.2, slow_attempts=1, val_sleep=1.0, **LONG_VALIDATION)
+    job.wait_state("RUNNING", timeout=120)
+    # Until rank 0 is two batches into the validation of step 4 (88 s of it still to go).
+    slurm_cluster.wait_for(lambda: sum(e["kind"] == TraceKind.VAL and e["rank"] == 0 and e["step"] == 4
+                                       for e in job.records()) >= 2, 120, f"job {job.id} to be validating at step 4")
+    submit_high(tmp_path, slurm_jobs)
+    job.wait_restarts(1)
+    assert_finished_like_reference(job, reference_run, **LONG_VALIDATION)
+    events = job.events()
+    stop = [e for e in events if e["event"] == Event.STOP_AGREED and e["restart_count"] == 0]
+    assert [(e["place"], e["step"]) for e in stop] == [(Place.VALIDATION, 4)], stop
+    assert 2 <= stop[0]["batch"] < LONG_VALIDATION["val_batches"], f"not stopped inside the validation: {stop}"
+    owed = [e for e in events if e["event"] == Event.VALIDATION_OWED and e["restart_count"] == 0]
+    assert len(owed) == 1 and owed[0]["path"], owed
+    assert [e["restart_count"] for e in events if e["event"] == Event.VALIDATION_REDONE] == [1]
