@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from preemptible.core import cause as stop_cause
-from preemptible.core import procgroup, votes
+from preemptible.core import leaving, procgroup, votes
 from preemptible.core import verdict as resume_verdict
 from preemptible.core.agreement import StopAgreement, make_agreement
 from preemptible.core.checkpointing import BackgroundWriter, Snapshot, save_checkpoint
@@ -32,7 +32,7 @@ from preemptible.core.config import SessionConfig
 from preemptible.core.crashes import failure_kind
 from preemptible.core.elastic import warn_if_agent_drops_signals
 from preemptible.core.environment import JobEnvironment
-from preemptible.core.exit import Cancelled, Preempted, RequeueLimitReached
+from preemptible.core.exit import Preempted, RequeueLimitReached
 from preemptible.core.inject import FaultPlan, fire, parse_faults
 from preemptible.core.lock import RunLock, RunLockedError
 from preemptible.core.policy import (
@@ -44,7 +44,7 @@ from preemptible.core.policy import (
     last_save_seconds,
     warn_if_lead_too_short,
 )
-from preemptible.core.requeue import RequeueError, RequeueOutcome, select_backend
+from preemptible.core.requeue import RequeueError, select_backend
 from preemptible.core.rundir import ProgressFile, RunDirectory, resolve_run_dir
 from preemptible.core.schema import (
     REASON_FINISHED,
@@ -52,7 +52,6 @@ from preemptible.core.schema import (
     Event,
     FailureKind,
     Place,
-    RequeueOutcomeName,
     RunRecordKey,
     RunStatus,
 )
@@ -314,87 +313,19 @@ class PreemptionSession:
 
     def leave(self, before_exit: Callable[[], None] = lambda: None) -> None:
         """Ask for the requeue (rank 0) and leave on every rank: raises :class:`Preempted` (or a limit/requeue error),
-        or :class:`~preemptible.core.exit.Cancelled` without a requeue when the stop's cause was a cancellation.
+        or :class:`~preemptible.core.exit.Cancelled` without a requeue when the stop's cause was a cancellation
+        (:mod:`preemptible.core.leaving`).
 
         ``before_exit`` runs right before the exception (the Lightning adapter lets the rank
         processes it launched exit first).
         """
-        stop, run = self.pending.stop, self.run
+        stop = self.pending.stop
         assert stop is not None, "leave() without a stop"
-        step, path = stop.step, str(stop.checkpoint) if stop.checkpoint else None
-        verdict = self.stop_verdict
-        if verdict is not None and not verdict.requeue:
-            self._leave_cancelled(step, path, verdict, before_exit)
-        if stop.over_limit:
-            # Every rank exits 1, so that no supervisor (srun takes the highest exit code) sees a requeue request.
-            message = (f"preemptible: requeue limit reached ({self.config.max_requeues} requeues used). Not requeueing; "
-                       f"the checkpoint at step {step} is kept ({path}). Resubmit by hand to continue, or raise "
-                       "max_requeues / PREEMPTIBLE_MAX_REQUEUES.")
-            if self.is_global_zero:
-                run.journal.append(Event.REQUEUE, backend=self.backend.name, outcome=RequeueOutcomeName.LIMIT_REACHED, step=step)
-                run.update_record(**{RunRecordKey.STATUS: RunStatus.REQUEUE_LIMIT})
-                print(message, flush=True)
-            run.journal.append(Event.EXIT, code=1, reason="requeue_limit", step=step)
-            before_exit()
-            raise RequeueLimitReached(message)
-        if self.is_global_zero:
-            try:
-                outcome = self._request_requeue(verdict)
-            except RequeueError as exc:
-                run.journal.append(Event.REQUEUE, backend=self.backend.name, outcome=RequeueOutcomeName.FAILED,
-                                   error=str(exc), step=step)
-                run.update_record(**{RunRecordKey.STATUS: RunStatus.REQUEUE_FAILED})
-                print(f"preemptible: {exc}", flush=True)
-                before_exit()
-                raise
-            record = run.read_record()
-            counted = outcome.requested or outcome.delegated
-            run.update_record(**{RunRecordKey.STATUS: RunStatus.PREEMPTED,
-                                 RunRecordKey.REQUEUES: int(record.get(RunRecordKey.REQUEUES, 0)) + int(counted),
-                                 RunRecordKey.LAST_PREEMPTED_STEP: step})
-            name = (RequeueOutcomeName.DELEGATED if outcome.delegated else
-                    RequeueOutcomeName.REQUESTED if outcome.requested else RequeueOutcomeName.NONE)
-            run.journal.append(Event.REQUEUE, backend=outcome.backend, detail=outcome.detail, step=step, outcome=name)
-        preempted = Preempted(step=step, checkpoint=path, reason=stop.reason)
-        run.journal.append(Event.EXIT, code=preempted.code, reason=stop.reason, step=step)
-        print(f"preemptible: rank {self.rank} {preempted}", flush=True)
-        before_exit()
-        raise preempted
-
-    def _request_requeue(self, verdict: Optional[stop_cause.StopVerdict]) -> RequeueOutcome:
-        if verdict is not None and verdict.action == stop_cause.Action.ALREADY_REQUEUED and self.backend.name != "none":
-            # `scontrol requeue` by an operator, or the end of a preemption's grace time: a second request would fail.
-            return RequeueOutcome(self.backend.name, True, f"SLURM already requeued the job ({verdict.cause})")
-        return self.backend.request(self.env)
-
-    def _leave_cancelled(self, step: Optional[int], path: Optional[str], verdict: stop_cause.StopVerdict,
-                         before_exit: Callable[[], None]) -> None:
-        """Every rank: the stop was a cancellation; no requeue (the checkpoint stays for a deliberate resubmission)."""
-        cancelled = Cancelled(step=step, checkpoint=path, reason=verdict.cause)
-        if self.is_global_zero:
-            self.run.update_record(**{RunRecordKey.STATUS: RunStatus.CANCELLED})
-        self.run.journal.append(Event.EXIT, code=cancelled.code, reason=verdict.cause, step=step)
-        print(f"preemptible: rank {self.rank} {cancelled}" + (" (resubmit the same command to resume)" if path else ""),
-              flush=True)
-        before_exit()
-        raise cancelled
+        leaving.leave(stop, self.stop_verdict, run=self.run, backend=self.backend, env=self.env, rank=self.rank,
+                      max_requeues=self.config.max_requeues, before_exit=before_exit)
 
     def _decide_cause(self, step: int, reason: str) -> None:
-        """Every rank, at the agreed stop: global rank 0 asks the scheduler why, every rank gets its answer.
-
-        Asked here, never in the signal handler, and once per stop: the controller's state is final
-        tens of milliseconds after the signal, and a controller that does not answer costs at most
-        :data:`~preemptible.core.cause.QUERY_TIMEOUT` seconds (then the run is requeued, the safe side).
-        """
-        answer = None
-        if self.is_global_zero:
-            note = self.signals.note
-            verdict = stop_cause.decide(self.env, reason, signal_at=note.first_at if note else None)
-            answer = verdict.to_json()
-            self.run.journal.append(Event.STOP_CAUSE, step=step, cause=verdict.cause, action=verdict.action,
-                                    detail=verdict.detail)
-            self.run.update_record(**{RunRecordKey.LAST_STOP_CAUSE: verdict.cause})
-        self.stop_verdict = stop_cause.StopVerdict.from_json(self.agreement.broadcast(answer))
+        self.stop_verdict = leaving.decide_cause(self.run, self.env, self.agreement, self.signals, self.rank, step, reason)
 
     # -- the end ---------------------------------------------------------------------------------------
     def training_ended(self, step: int, epoch: int, snapshot: Snapshot) -> None:
