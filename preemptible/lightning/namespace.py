@@ -72,6 +72,8 @@ PYTORCH_LIGHTNING = LightningPackage("pytorch_lightning", "lightning_fabric", "p
                                      "preemptible.lightning.pytorch_lightning")
 PACKAGES = (LIGHTNING, PYTORCH_LIGHTNING)
 BOTH_ADAPTER = "preemptible.lightning.both"
+#: the one implementation, neutral to the package (each adapter subclasses it with its package's Callback)
+IMPLEMENTATION = "preemptible.lightning.callback"
 
 
 def by_name(name: str) -> LightningPackage:
@@ -110,9 +112,8 @@ def callback_class() -> type:
         return imported[0].callback_class()
     if len(imported) == 2:
         return importlib.import_module(BOTH_ADAPTER).PreemptionCallback
-    from preemptible.lightning.callback import PreemptionCallback
-
-    return PreemptionCallback
+    # Loaded by name like the adapters: the implementation uses this module to pick its concrete class.
+    return importlib.import_module(IMPLEMENTATION).PreemptionCallback
 
 
 def class_at_construction() -> type:
