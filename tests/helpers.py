@@ -56,12 +56,13 @@ def assert_same_after_crash(record: Path, reference: Path, resumed_at: dict[int,
     Returns the number of compared losses.
     """
     trace, want = read_trace(record), read_trace(reference)
-    want_loss = {key: entry["loss"] for key, entry in want.entries.items()}
+    want_loss = {key: entry.get("loss", entry.get("metrics")) for key, entry in want.entries.items()}
     for entry in trace.lines:
         key = trace_key(entry)
         assert key in want_loss, f"a batch the reference never trained: {key}"
-        assert entry["loss"] == want_loss[key], (f"attempt {entry['attempt']}: the loss at {key} differs from the "
-                                                 f"uninterrupted run: {entry['loss']} vs {want_loss[key]}")
+        got = entry.get("loss", entry.get("metrics"))
+        assert got == want_loss[key], (f"attempt {entry['attempt']}: the loss at {key} differs from the "
+                                       f"uninterrupted run: {got} vs {want_loss[key]}")
     missing = sorted(set(want_loss) - {trace_key(e) for e in trace.lines})
     assert not missing, f"batches never trained (skipped after resume): {missing[:5]}"
     for attempt, step in resumed_at.items():

@@ -104,7 +104,7 @@ def _assert_identical(traces: dict[str, Path], tmp_path: Path, devices: int, max
         assert sorted(got.entries) == sorted(plain.entries), (
             f"{arm}: other batches than the plain run: missing {sorted(set(plain.entries) - set(got.entries))[:5]}, "
             f"extra {sorted(set(got.entries) - set(plain.entries))[:5]}")
-        for field in ("loss", "weights"):
+        for field in ("loss", "weights", "metrics"):
             differ = [k for k in sorted(plain.entries) if got.entries[k].get(field) != plain.entries[k].get(field)]
             assert not differ, (f"{arm}: {len(differ)} {field} entries differ from the plain Lightning run, first at "
                                 f"{differ[0]}: {got.entries[differ[0]].get(field)} vs {plain.entries[differ[0]].get(field)}")
@@ -133,7 +133,8 @@ def test_one_process_callback_and_periodic_saves_are_bitwise_a_plain_lightning_r
     # 16 batches per epoch: validation at batches 5, 10, 15 and after the epoch boundary at 21; 24 steps.
     steps = 24
     traces = _run_arms(tmp_path, devices=1, max_steps=steps, val_every=5)
-    assert _assert_identical(traces, tmp_path, devices=1, max_steps=steps) == steps + 4 * 2 + 1
+    # Entries: every step, 2 batches and the logged metrics of each of the 4 validations, the final weights.
+    assert _assert_identical(traces, tmp_path, devices=1, max_steps=steps) == steps + 4 * (2 + 1) + 1
 
 
 @pytest.mark.ddp
@@ -142,4 +143,4 @@ def test_ddp_callback_and_periodic_saves_are_bitwise_a_plain_lightning_run(tmp_p
     # every epoch (steps 5, 13 and 21 of 22, across two epoch boundaries).
     steps = 22
     traces = _run_arms(tmp_path, devices=2, max_steps=steps, val_every=5)
-    assert _assert_identical(traces, tmp_path, devices=2, max_steps=steps) == 2 * (steps + 3 * 2 + 1)
+    assert _assert_identical(traces, tmp_path, devices=2, max_steps=steps) == 2 * (steps + 3 * (2 + 1) + 1)

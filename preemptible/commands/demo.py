@@ -121,5 +121,6 @@ def run_demo(args: argparse.Namespace) -> int:
 def _losses(record: Path) -> tuple[dict[tuple[Any, ...], str], dict[int, str]]:
     """Loss by (kind, rank, epoch, batch, step, attempt): a batch replayed by a later attempt keeps both entries."""
     trace = read_trace(record)
-    losses = {(*trace_key(e), e["attempt"]): e["loss"] for e in trace.lines}
+    # A validation's logged metrics (kind val_metrics) are compared like its losses.
+    losses = {(*trace_key(e), e["attempt"]): e["loss"] if "loss" in e else str(e.get("metrics")) for e in trace.lines}
     return losses, trace.final

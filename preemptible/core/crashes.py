@@ -7,6 +7,8 @@ supervises it (the batch shell of the sbatch templates through :mod:`preemptible
 
 * exit 0: finished. Exit :data:`~preemptible.REQUEUE_EXIT_CODE`: a checkpoint for requeue (the
   ranks requeued, or delegated the requeue to the batch shell: :attr:`RequeueOutcomeName.DELEGATED`).
+* An exit the session chose (it journaled :attr:`Event.EXIT` with that code: the requeue limit, a
+  failed requeue request, a cancellation) is final: :attr:`CrashDecision.LEFT_ON_PURPOSE`.
 * Any other exit is a **failure of the training code**, final and not retried, when a rank of that
   attempt journaled :attr:`Event.FAILURE` of kind :attr:`FailureKind.USER` (the session does it in
   :meth:`~preemptible.core.session.PreemptionSession.abandon`, before the process exits): an exception
@@ -112,10 +114,16 @@ def decide(run_dir: str | Path, exit_code: int, *, env: Optional[JobEnvironment]
     record = run.read_record()
     user = next((e for e in events if e.get("event") == Event.FAILURE and e.get("kind") == FailureKind.USER), None)
     opened = any(e.get("event") in ATTEMPT_OPENERS for e in events)
+    on_purpose = next((e for e in events if e.get("event") == Event.EXIT and e.get("code") == exit_code), None)
     status: Optional[str] = None
     changes: dict[str, Any] = {}
     if cancelled:
         decision, detail = CrashDecision.CANCELLED, f"exit {exit_code} while the job is being cancelled: not requeued"
+    elif on_purpose is not None:
+        # The session's own status (requeue limit, requeue failed, cancelled) stays as it wrote it.
+        decision = CrashDecision.LEFT_ON_PURPOSE
+        detail = (f"the run left on purpose with exit {exit_code} ({on_purpose.get('reason')}) at step "
+                  f"{on_purpose.get('step')}: not a crash, not requeued")
     elif user is not None:
         decision, status = CrashDecision.FAILED, RunStatus.FAILED
         detail = (f"training failed at step {user.get('step')} with an error in the training code (rank "

@@ -74,6 +74,7 @@ def leave(stop: Stopped, verdict: Optional[stop_cause.StopVerdict], *, run: RunD
             run.journal.append(Event.REQUEUE, backend=backend.name, outcome=RequeueOutcomeName.FAILED,
                                error=str(exc), step=step)
             run.update_record(**{RunRecordKey.STATUS: RunStatus.REQUEUE_FAILED})
+            run.journal.append(Event.EXIT, code=exc.code, reason="requeue_failed", step=step)
             print(f"preemptible: {exc}", flush=True)
             before_exit()
             raise

@@ -97,6 +97,9 @@ class CrashDecision:
     CRASH_LIMIT = "crash_limit"  #: ``max_crash_requeues`` used up: final
     CANCELLED = "cancelled"  #: the job is being cancelled (``scancel``): never requeued
     SHELL_REQUEUE = "shell_requeue"  #: exit 144 and the ranks could not requeue: the batch shell does it
+    #: the session left on purpose with another code (requeue limit, a failed requeue request, a
+    #: cancellation: its ``exit`` event says which): final, never mistaken for a crash
+    LEFT_ON_PURPOSE = "left_on_purpose"
 
 
 class Place:

@@ -368,7 +368,8 @@ def _attempt(index: int, events: list[dict[str, Any]], now: float, last: bool = 
         a.outcome = "finished"
     elif a.stop_cause == StopCauseName.CANCELLED and a.exit_code == CANCELLED_EXIT_CODE:
         a.outcome = "cancelled"
-    elif a.crash_decision is not None and a.crash_decision != CrashDecision.SHELL_REQUEUE:
+    elif a.crash_decision is not None and a.crash_decision not in (CrashDecision.SHELL_REQUEUE,
+                                                                  CrashDecision.LEFT_ON_PURPOSE):
         a.outcome = "crashed" if a.crash_decision == CrashDecision.REQUEUE else "failed"
     elif a.requeue in (RequeueOutcomeName.LIMIT_REACHED, RequeueOutcomeName.FAILED):
         a.outcome = "requeue_limit" if a.requeue == RequeueOutcomeName.LIMIT_REACHED else "requeue_failed"
