@@ -64,11 +64,7 @@ def run_check(args: argparse.Namespace) -> int:
         report = check_resume(args.factory, steps=args.steps, preempt_at=args.preempt_at, ranks=args.ranks,
                               workdir=args.workdir, signal=args.signal, seed=args.seed)
     if report.error:
-        console.print(f"[red]check of {escape(args.factory)} could not compare: {escape(report.error)}")
-        cause = _failure_cause(report.error)
-        if cause:
-            console.print(f"[red]{escape(cause)}")
-        return 2
+        return _could_not_compare(console, escape(args.factory), report.error)
     console.print(f"signal after step {report.preempt_at}; all ranks stopped at step {report.stop_step}; "
                   f"resumed at step {report.resumed_from_step}")
     table = Table(title="per-step comparison (training batches)", title_justify="left")
@@ -117,11 +113,7 @@ def _run_loop_check(args: argparse.Namespace) -> int:
     with console.status(f"running {' '.join(command)}: uninterrupted, then preempted after step {point}..."):
         report = check_loop_resume(command, preempt_at=point, workdir=args.workdir, signal=args.signal)
     if report.error:
-        console.print(f"[red]check of the loop could not compare: {escape(report.error)}")
-        cause = _failure_cause(report.error)
-        if cause:
-            console.print(f"[red]{escape(cause)}")
-        return 2
+        return _could_not_compare(console, "the loop", report.error)
     console.print(f"signal after step {report.preempt_at}; all ranks stopped at step {report.stop_step}; "
                   f"resumed at step {report.resumed_from_step}; both runs ended at step {report.final_step}")
     for line in report.differences[:20]:
@@ -155,6 +147,17 @@ def _check_spec(spec: str) -> None:
     if importlib.util.find_spec(top) is None and importlib.machinery.PathFinder.find_spec(top, [os.getcwd(), *sys.path]) is None:
         raise ValueError(f"factory {spec!r}: no module named {top!r} (not installed, and not in the current directory "
                          "or on PYTHONPATH)")
+
+
+def _could_not_compare(console: Any, what: str, error: str) -> int:
+    """Print why a check could not compare the two runs (and the likely cause) on a rich console; exit code 2."""
+    from rich.markup import escape
+
+    console.print(f"[red]check of {what} could not compare: {escape(error)}")
+    cause = _failure_cause(error)
+    if cause:
+        console.print(f"[red]{escape(cause)}")
+    return 2
 
 
 def _failure_cause(error: str) -> Optional[str]:
