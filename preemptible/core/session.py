@@ -10,8 +10,15 @@ The adapter tells it where the loop is (``open``/``start``/``training_started``/
 :class:`~preemptible.core.checkpointing.Snapshot` that dumps the trainer's state.
 It imports neither ``lightning`` nor ``pytorch_lightning``.
 
-A plain loop drives it directly: ``tests/scripts/plain_loop.py`` is a complete one (README: "Without
-Lightning"); ``tests/test_session.py`` tests the logic on a fake loop.
+A plain loop drives it directly: :class:`preemptible.loop.PreemptibleLoop` wraps it for hand-written
+loops and Fabric; ``tests/scripts/plain_loop.py`` drives it by hand; ``tests/test_session.py`` tests the
+logic on a fake loop.
+
+Why it is longer than the ~400 lines a module aims for: it is the one place that sees every point of
+the loop (set-up, training boundaries, validation and sanity-check batches, epoch starts, the end) and
+keeps the pending stop consistent across them on every rank; what each point *does* already lives
+elsewhere (policy, checkpointing, leaving, verdict, watchdog, inject). The validation-stop points and
+the watchdog glue are the next candidates to move out.
 """
 
 from __future__ import annotations
