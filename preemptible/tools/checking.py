@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from preemptible.core.schema import read_trace
-from preemptible.tools.simulator import LocalSupervisor
+from preemptible.tools.simulator import LocalSupervisor, Preemption, RunSummary
 
 __all__ = ["check_resume", "CheckReport", "StepComparison", "load_factory"]
 
@@ -75,6 +75,25 @@ def load_factory(spec: str) -> Any:
         raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
+def run_reference_and_preempted(work: Path, commands: dict[str, tuple[list[str], list[Preemption]]],
+                                timeout: float) -> tuple[dict[str, RunSummary], Optional[str]]:
+    """Run each ``name: (command, plan)`` (one of them named ``preempted``) under the local supervisor, its output in
+    ``work/<name>.log``, the run directory ``work/<name>``; returns the summaries and the error that stops a
+    check: a run that failed, or a preempted run that was never preempted."""
+    runs: dict[str, RunSummary] = {}
+    for name, (cmd, plan) in commands.items():
+        with open(work / f"{name}.log", "wb") as log:
+            summary = LocalSupervisor(cmd, run_dir=work / name, plan=plan, timeout=timeout, max_restarts=3,
+                                      stdout=log).run()
+        runs[name] = summary
+        if summary.exit_code != 0:
+            return runs, f"the {name} run failed with exit code {summary.exit_code}; see {work / (name + '.log')}"
+    if len(runs["preempted"].attempts) < 2:
+        return runs, ("the preempted run was never preempted (the signal came after training ended?); "
+                      "choose a smaller --preempt-at")
+    return runs, None
+
+
 def check_resume(factory: str, steps: int = 20, preempt_at: Optional[int] = None, ranks: int = 1,
                  workdir: os.PathLike[str] | str = "runs/check", signal: str = "USR1", seed: int = 1234,
                  timeout: float = 600.0) -> CheckReport:
@@ -87,7 +106,7 @@ def check_resume(factory: str, steps: int = 20, preempt_at: Optional[int] = None
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     report = CheckReport(steps=steps, preempt_at=str(point), ranks=ranks)
-    runs = {}
+    commands: dict[str, tuple[list[str], list[Preemption]]] = {}
     for name, signal_at in (("reference", None), ("preempted", str(point))):
         run_dir, trace = work / name, work / f"{name}.jsonl"
         _clear(run_dir, trace)
@@ -95,17 +114,11 @@ def check_resume(factory: str, steps: int = 20, preempt_at: Optional[int] = None
                "--steps", str(steps), "--ranks", str(ranks), "--trace", str(trace), "--seed", str(seed), "--signal", signal]
         if signal_at is not None:
             cmd += ["--signal-at", signal_at]
-        with open(work / f"{name}.log", "wb") as log:
-            summary = LocalSupervisor(cmd, run_dir=run_dir, timeout=timeout, max_restarts=3, stdout=log).run()
-        runs[name] = summary
-        if summary.exit_code != 0:
-            report.error = f"the {name} run failed with exit code {summary.exit_code}; see {work / (name + '.log')}"
-            return report
-    attempts = runs["preempted"].attempts
-    if len(attempts) < 2:
-        report.error = ("the preempted run was never preempted (the signal came after training ended?); "
-                        "choose a smaller --preempt-at")
+        commands[name] = (cmd, [])
+    runs, report.error = run_reference_and_preempted(work, commands, timeout)
+    if report.error:
         return report
+    attempts = runs["preempted"].attempts
     report.stop_step, report.resumed_from_step = attempts[0].stop_step, attempts[1].resumed_from_step
     _compare(report, work / "reference.jsonl", work / "preempted.jsonl", ranks)
     return report

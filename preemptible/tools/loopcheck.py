@@ -20,7 +20,8 @@ from typing import Any, Optional, Sequence
 from preemptible.core.schema import REASON_FINISHED, STATE_KEY
 from preemptible.core.signals import parse_signal
 from preemptible.core.store import CheckpointStore
-from preemptible.tools.simulator import LocalSupervisor, Preemption, RunSummary
+from preemptible.tools.checking import run_reference_and_preempted
+from preemptible.tools.simulator import Preemption
 
 __all__ = ["check_loop_resume", "LoopCheckReport", "state_differences"]
 
@@ -53,23 +54,14 @@ def check_loop_resume(command: Sequence[str], preempt_at: int, workdir: os.PathL
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     report = LoopCheckReport(preempt_at=preempt_at)
-    summaries: dict[str, RunSummary] = {}
     preemption = Preemption(at_step=preempt_at, signal=parse_signal(signal), target=target)
-    for name, plan in (("reference", []), ("preempted", [preemption])):
-        run_dir = work / name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        with open(work / f"{name}.log", "wb") as log:
-            summary = LocalSupervisor(list(command), run_dir=run_dir, plan=plan, timeout=timeout, max_restarts=3,
-                                      stdout=log).run()
-        summaries[name] = summary
-        if summary.exit_code != 0:
-            report.error = f"the {name} run failed with exit code {summary.exit_code}; see {work / (name + '.log')}"
-            return report
-    attempts = summaries["preempted"].attempts
-    if len(attempts) < 2:
-        report.error = ("the preempted run was never preempted (the signal came after training ended?); "
-                        "choose a smaller --preempt-at")
+    for name in ("reference", "preempted"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    summaries, report.error = run_reference_and_preempted(
+        work, {"reference": (list(command), []), "preempted": (list(command), [preemption])}, timeout)
+    if report.error:
         return report
+    attempts = summaries["preempted"].attempts
     report.stop_step, report.resumed_from_step = attempts[0].stop_step, attempts[1].resumed_from_step
     if report.stop_step is None or report.stop_step != report.resumed_from_step:
         report.differences.append(f"attempt 1 resumed at step {report.resumed_from_step}, attempt 0 stopped at "
