@@ -308,7 +308,7 @@ def test_sigterm_after_the_last_step(tmp_path: Path, point: str) -> None:
 
 
 def test_sigterm_in_the_last_moments_of_fit_teardown(tmp_path: Path) -> None:
-    # README, "Still open": a SIGTERM in the last moments of fit's teardown, after preemptible's teardown put the
+    # README, "By design": a SIGTERM in the last moments of fit's teardown, after preemptible's teardown put the
     # previous handlers back (here: the default action), kills the process. The child signals itself from a
     # callback's teardown placed after preemptible's (no timing: the signal is sent at that point). What must
     # hold even then, and does: the run had finished (journal, run.json, trace), its final checkpoint is
@@ -317,8 +317,8 @@ def test_sigterm_in_the_last_moments_of_fit_teardown(tmp_path: Path) -> None:
     first = faults.run_attempt(faults.train_command(tmp_path / "record-0.jsonl", max_steps=6,
                                                     self_signal=["teardown:TERM"]), run_dir, 0)
     assert "faults: self-signal SIGTERM at teardown" in first.output
-    # Today's behaviour: death by the signal's default action (-15). If this becomes 0, the open case is fixed:
-    # say so in README ("Still open") and assert exit 0 here.
+    # The handlers are the user's again (here the default action), so the process dies of the signal (-15),
+    # as it would in the script's own code after fit (README, "By design").
     assert first.exit_code == -signal.SIGTERM, (first.exit_code, first.output[-2000:])
     assert not first.timed_out
     events = [e["event"] for e in first.events]
