@@ -7,6 +7,7 @@ The training function is preemptible's example (``train_from_options``), wrapped
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from pathlib import Path
@@ -19,7 +20,8 @@ from helpers import assert_same_as_reference
 
 from preemptible.core.journal import read_events
 from preemptible.core.rundir import read_progress
-from preemptible.core.schema import Event
+from preemptible.core.schema import CrashDecision, Event, RunRecordKey, RunStatus
+from preemptible.core.supervisor import SUPERVISOR_DIR
 from preemptible.examples.train import train_from_options
 from preemptible.scheduler.submitit import PreemptibleTask
 
@@ -78,6 +80,11 @@ def _kill(job: submitit.local.local.LocalJob) -> None:
 
 def _results(job: submitit.local.local.LocalJob, timeout: float = JOB_TIMEOUT) -> list[Any]:
     """``job.results()`` with a bound: the job must be done within ``timeout`` seconds."""
+    _wait_done(job, timeout)
+    return job.results()
+
+
+def _wait_done(job: submitit.local.local.LocalJob, timeout: float = JOB_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while not job.done():
         if time.monotonic() > deadline:
@@ -85,7 +92,6 @@ def _results(job: submitit.local.local.LocalJob, timeout: float = JOB_TIMEOUT) -
             tail = log.read_text()[-2000:] if log.exists() else "(no stderr log)"
             raise AssertionError(f"submitit job {job.job_id} not done within {timeout:.0f} s; its stderr ends:\n{tail}")
         time.sleep(0.2)
-    return job.results()
 
 
 def _wait_for_event(run_dir: Path, event: str, timeout: float) -> dict:
@@ -190,5 +196,35 @@ def test_fabric_loop_in_a_preemptible_task(tmp_path: Path, submit) -> None:
     want, got = read_trace(reference), read_trace(trace)
     assert not got.duplicates and got.losses == want.losses and got.final == want.final and set(got.final) == {0}
     assert sorted(key[4] for key in got.entries) == list(range(1, STEPS + 1))
-    # (submitit's local relaunch sets no restart count, so both attempts' trace lines say attempt 0; the journal's
-    # two train_start events, checked above, tell them apart)
+    # (submitit's local relaunch sets no restart count: the task numbers the attempts from the claims the ended
+    # attempts leave in the run directory, core/supervisor.py)
+
+
+@pytest.mark.ddp
+def test_crash_relaunched_by_the_task_then_stopped_at_the_crash_limit(tmp_path: Path, submit,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 tasks on LocalExecutor, periodic checkpoints every 4 steps, rank 1 SIGKILLed at step 6 and, in the
+    relaunched attempt, at step 10, with ``max_crash_requeues=1``. Attempt 0: the survivor's watchdog asks the
+    task (the in-process supervisor), which claims the attempt, decides "requeue" and leaves with 144:
+    LocalExecutor relaunches both tasks, numbered attempt 1, which resume from the periodic checkpoint. Attempt 1:
+    the crash limit is reached: nobody leaves with 144, LocalExecutor stops, and the job has no result."""
+    monkeypatch.setenv("PREEMPTIBLE_MAX_CRASH_REQUEUES", "1")
+    monkeypatch.setenv("PREEMPTIBLE_PEER_TIMEOUT", "20")  # a lost peer on this host is seen at the next beat anyway
+    run_dir = tmp_path / "run"
+    task, _ = _task(tmp_path, 2, every_n_steps=4, sync_periodic=True, signal_at=["6", "10"], signal_rank=1,
+                    signal_name="KILL")
+    job = submit(task, timeout_min=10, tasks_per_node=2)
+    _wait_done(job)
+    assert not [k for k in range(2) if job.task(k).paths.result_pickle.exists()], \
+        "a task delivered a result: the run should have stopped at the crash limit"
+    events = list(read_events(run_dir / "events.jsonl"))
+    crashes = [e for e in events if e["event"] == Event.CRASH]
+    assert [(e["decision"], e["restart_count"]) for e in crashes] == [(CrashDecision.REQUEUE, 0),
+                                                                      (CrashDecision.CRASH_LIMIT, 1)], events
+    resumed = next(e["step"] for e in events if e["event"] == Event.TRAIN_START and e["restart_count"] == 1)
+    assert resumed == crashes[0]["checkpoint_step"] and resumed >= 4, (resumed, crashes)
+    claims = sorted(p.name for p in (run_dir / SUPERVISOR_DIR).iterdir())
+    assert len(claims) == 2 and claims[0].endswith("-0") and claims[1].endswith("-1"), claims
+    log = "".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*_log.out")))
+    assert "crash requeue limit reached (1 of max_crash_requeues=1)" in " ".join(log.split()), log[-3000:]
+    assert json.loads((run_dir / "run.json").read_text())[RunRecordKey.STATUS] == RunStatus.CRASH_LIMIT

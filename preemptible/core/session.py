@@ -24,6 +24,7 @@ the watchdog glue are the next candidates to move out.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 import warnings
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from preemptible.core import cause as stop_cause
-from preemptible.core import leaving, procgroup, votes
+from preemptible.core import leaving, procgroup, supervisor, votes
 from preemptible.core import verdict as resume_verdict
 from preemptible.core.agreement import StopAgreement, make_agreement
 from preemptible.core.checkpointing import BackgroundWriter, Snapshot, save_checkpoint
@@ -39,7 +40,7 @@ from preemptible.core.config import SessionConfig
 from preemptible.core.crashes import failure_kind
 from preemptible.core.elastic import warn_if_agent_drops_signals
 from preemptible.core.environment import JobEnvironment
-from preemptible.core.exit import Preempted, RequeueLimitReached
+from preemptible.core.exit import CRASH_EXIT_CODE, Preempted, RequeueLimitReached
 from preemptible.core.inject import FaultPlan, fire, parse_faults
 from preemptible.core.lock import RunLock, RunLockedError
 from preemptible.core.policy import (
@@ -110,6 +111,7 @@ class PreemptionSession:
         #: why the agreed stop happened and whether the run comes back (decided once, at the stop)
         self.stop_verdict: Optional[stop_cause.StopVerdict] = None
         self._watchdog: Optional[PeerWatchdog] = None
+        self._leave_code: Optional[int] = None  # what the in-process supervisor chose after a lost peer
         self._faults: Optional[FaultPlan] = None  # testing faults (PREEMPTIBLE_INJECT); None: one cheap check per step
         #: Called (on the watchdog's thread) right before a rank leaves because a peer was lost; an adapter
         #: adds what must happen first (the Lightning one stops its launcher from killing this process).
@@ -403,18 +405,29 @@ class PreemptionSession:
         timeout = float(self.config.peer_timeout or 0.0)
         if timeout > 0:
             self._watchdog = PeerWatchdog(self.run.path / WATCHDOG_DIR, self.rank, self.world_size, token, timeout,
-                                          on_loss=self._peer_lost)
+                                          on_loss=self._peer_lost, exit=self._exit_after_peer_loss)
             self._watchdog.start()
 
     def _peer_lost(self, loss: PeerLoss) -> None:
-        """On the watchdog's thread, right before this process ends with ``loss.exit_code``."""
-        print(f"preemptible: rank {self.rank}: rank {loss.rank} {loss.how} (no heartbeat for {loss.seconds_silent:.1f} s); "
-              f"leaving with exit code {loss.exit_code}" + (" (crash: start again from the newest checkpoint)"
-                                                            if loss.exit_code != 1 else ""), flush=True)
+        """On the watchdog's thread, right before this process ends with ``loss.exit_code``.
+
+        On a crash (not a peer's own error), an in-process supervisor (:mod:`preemptible.core.supervisor`:
+        the submitit task) decides first whether the job is requeued, and may choose the exit code.
+        """
         self.run.journal.append(Event.PEER_LOST, lost_rank=loss.rank, how=loss.how, code=loss.exit_code,
                                 seconds_silent=round(loss.seconds_silent, 2), step=self._last_step)
         for hook in self.on_peer_lost:
             hook()
+        if loss.exit_code == CRASH_EXIT_CODE:
+            self._leave_code = supervisor.crash_exit_code(loss.exit_code)
+        code = self._leave_code if self._leave_code is not None else loss.exit_code
+        print(f"preemptible: rank {self.rank}: rank {loss.rank} {loss.how} (no heartbeat for {loss.seconds_silent:.1f} s); "
+              f"leaving with exit code {code}" + (" (crash: start again from the newest checkpoint)"
+                                                  if loss.exit_code != 1 else ""), flush=True)
+
+    def _exit_after_peer_loss(self, code: int) -> None:
+        """How the watchdog ends this process: with the supervisor's code when it chose one."""
+        os._exit(self._leave_code if self._leave_code is not None else code)
 
     def _watchdog_after(self, exception: BaseException) -> None:
         watchdog = self._watchdog

@@ -30,10 +30,22 @@ Timeouts: submitit tells a timeout from a preemption by elapsed time only and sp
 never reach submitit's handler, so they are not spent from that budget; preemptible's own
 ``max_requeues`` (counted from ``SLURM_RESTART_COUNT`` and ``run.json``) bounds requeue loops.
 
-Crashes: when a rank dies without warning (SIGKILL, OOM kill) the surviving global rank 0 sees its collective
-fail; the task then requeues the job as a crash (bounded by ``max_crash_requeues``, see
-:mod:`preemptible.core.crashes`), and it resumes from the newest periodic checkpoint. An exception of the
-training code itself is raised as before (submitit reports it; no retry).
+Crashes: submitit's sbatch script has no step after ``srun`` (where the batch shell of the sbatch templates
+decides, :mod:`preemptible.scheduler.afterstep`), so the ranks decide themselves. While the training function
+runs, the task is the process's in-process supervisor (:mod:`preemptible.core.supervisor`): when a rank dies
+without warning (SIGKILL, OOM kill, segfault) or freezes, the peer watchdog of every survivor calls it right
+before ending the process (its main thread may be stuck in a collective for good), and so does the task when
+the collective error itself reaches it (watchdog turned off). The first survivor to claim the attempt
+(an ``O_EXCL`` file in the run directory, whichever ranks survive, rank 0 included) applies the rule and bounds
+of :mod:`preemptible.core.crashes` (``max_crash_requeues``; the crash loop), never while the job is being
+cancelled, and on a requeue runs ``scontrol requeue`` under SLURM and leaves with
+:data:`~preemptible.REQUEUE_EXIT_CODE`, the code on which ``LocalExecutor`` relaunches every task. The other
+survivors leave with :data:`~preemptible.core.exit.CRASH_EXIT_CODE`. The job resumes from the newest valid
+periodic checkpoint. An exception of the training code itself is raised as before (submitit reports it; no retry).
+
+``LocalExecutor`` gives a relaunched task no restart count; the task numbers the attempts itself (exported as
+``PREEMPTIBLE_ATTEMPT``) from the claims the ended attempts left in the run directory, so that the crash rule
+and the journal tell the attempts apart there as on SLURM.
 """
 
 from __future__ import annotations
@@ -44,11 +56,13 @@ from typing import Any, Callable, Optional
 
 import submitit
 
+from preemptible.core import supervisor
 from preemptible.core.crashes import decide, failure_kind
 from preemptible.core.environment import JobEnvironment
-from preemptible.core.exit import CRASH_EXIT_CODE, Preempted
+from preemptible.core.exit import CRASH_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted
 from preemptible.core.requeue import RequeueError, SlurmRequeue
 from preemptible.core.schema import FailureKind
+from preemptible.scheduler.afterstep import job_being_cancelled, job_state
 
 __all__ = ["PreemptibleTask"]
 
@@ -78,41 +92,61 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         self.distributed_env = distributed_env
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        os.environ["PREEMPTIBLE_RUN_DIR"] = os.path.abspath(self.run_dir)
+        self.run_dir = run_dir = os.path.abspath(self.run_dir)  # in the job's own working directory
+        os.environ["PREEMPTIBLE_RUN_DIR"] = run_dir
         if self.max_requeues is not None:
             os.environ["PREEMPTIBLE_MAX_REQUEUES"] = str(self.max_requeues)
         if self.distributed_env:
             _export_distributed_env()
+        if not JobEnvironment.from_env().under_slurm:
+            # LocalExecutor: no restart count of its own (see the module's docstring)
+            os.environ["PREEMPTIBLE_ATTEMPT"] = str(supervisor.claimed_attempts(run_dir, _job_key(JobEnvironment.from_env())))
+        previous = supervisor.set_crash_supervisor(self._after_crash)
         try:
             return self.train_fn(*(args or self.args), **(kwargs or self.kwargs))
         except Exception as exc:
-            if failure_kind(exc) == FailureKind.PEER:
-                self._requeue_after_crash(exc)
+            # Without the watchdog (peer_timeout 0) the collective error itself reaches this point.
+            if failure_kind(exc) == FailureKind.PEER and supervisor.crash_exit_code(CRASH_EXIT_CODE) == REQUEUE_EXIT_CODE:
+                raise Preempted(reason=f"crash: {type(exc).__name__}") from exc
             raise
+        except SystemExit as exc:
+            if exc.code == REQUEUE_EXIT_CODE:  # a preemption requeue: the next attempt is numbered after this one
+                self._claim(JobEnvironment.from_env(), "requeue")
+            raise
+        finally:
+            supervisor.set_crash_supervisor(previous)
 
-    def _requeue_after_crash(self, exc: BaseException) -> None:
-        """Global rank 0, whose collective failed because a peer died: requeue the job from its newest checkpoint.
+    def _claim(self, env: JobEnvironment, why: str) -> bool:
+        if env.under_slurm and why != "crash":
+            return False  # SLURM counts the restarts itself
+        return supervisor.claim_attempt(self.run_dir, _job_key(env), env.restart_count, env.global_rank, why)
 
-        The rule and bounds of :mod:`preemptible.core.crashes` (submitit's own sbatch script has no batch-shell
-        step after ``srun``, so the surviving rank 0 decides). On a requeue this process exits with
-        :data:`~preemptible.REQUEUE_EXIT_CODE` (``scontrol requeue`` first under SLURM; the code alone makes
-        submitit's ``LocalExecutor`` relaunch). If rank 0 itself died, the job fails as before.
+    def _after_crash(self, code: int) -> Optional[int]:
+        """The in-process supervisor (:mod:`preemptible.core.supervisor`): a rank leaves on a crash with ``code``.
+
+        Only the first rank of the attempt to claim it decides, by the rule of :func:`preemptible.core.crashes.decide`;
+        on a requeue, ``scontrol requeue`` under SLURM first, then :data:`~preemptible.REQUEUE_EXIT_CODE` (which
+        also makes ``LocalExecutor`` relaunch). ``None``: leave with ``code`` (no requeue, or another rank decides).
         """
         env = JobEnvironment.from_env()
-        if not env.is_global_zero:
-            return
-        verdict = decide(self.run_dir, CRASH_EXIT_CODE, env=env, log_hint="the submitit logs")
+        if not self._claim(env, "crash"):
+            print(f"preemptible: rank {env.global_rank}: another rank decides what follows this crash", flush=True)
+            return None
+        state = job_state(env.slurm_job_id) if env.slurm_job_id else None
+        verdict = decide(self.run_dir, code, env=env, cancelled=job_being_cancelled(state, env.slurm_restart_count),
+                         log_hint="the submitit logs")
         if verdict.message:
             print(verdict.message, flush=True)
         if not verdict.requeue:
-            return
+            return None
         if env.under_slurm:
             try:
-                SlurmRequeue().request(env)
+                outcome = SlurmRequeue().request(env)
             except RequeueError as error:
                 print(f"preemptible: {error}", flush=True)
-                return
-        raise Preempted(reason=f"crash: {type(exc).__name__}") from exc
+                return None
+            print(f"preemptible: rank {env.global_rank}: {outcome.detail}", flush=True)
+        return REQUEUE_EXIT_CODE
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit's own handler when a signal arrives outside ``trainer.fit``.
@@ -121,6 +155,11 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         same task resumes from it.
         """
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
+
+
+def _job_key(env: JobEnvironment) -> str:
+    """The job's id for the claims: SLURM's, or the ``LocalExecutor`` job's (its controller's pid)."""
+    return env.job_id or f"local-{submitit.JobEnvironment().job_id}"
 
 
 def _export_distributed_env() -> None:
