@@ -96,8 +96,12 @@ def fire(fault: Fault) -> None:
     The call returns once the signal is sent.
     """
     if fault.to_group:
-        sender = ("import os, sys; os.killpg(int(sys.argv[1]), int(sys.argv[2]))")
-        subprocess.run([sys.executable, "-I", "-S", "-c", sender, str(os.getpgid(0)), str(fault.signum)],
-                       start_new_session=True, check=True, timeout=60)
+        group = os.getpgid(0)
+        sender = "import os, sys; os.killpg(int(sys.argv[1]), int(sys.argv[2]))"
+        try:
+            subprocess.run([sys.executable, "-I", "-S", "-c", sender, str(group), str(fault.signum)],
+                           start_new_session=True, check=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):  # no helper process: the signal still goes, from here
+            os.killpg(group, fault.signum)
     else:
         os.kill(os.getpid(), fault.signum)
