@@ -106,7 +106,7 @@ def _shielded(pid: int) -> bool:
 
 # A parent for the two tests below: a shielded loader whose workers sit in a 10-minute __getitem__ (where torch's
 # own check for a dead parent, between two batches, never runs); it prints the worker pids, then:
-#   "wait": waits to be killed;  "exit": leaves the live iterator in a reference cycle and exits, so that
+#   "wait": waits to be killed;  "exit": once told, leaves the live iterator in a reference cycle and exits, so that
 #   multiprocessing's exit handler terminates the workers and joins them without a timeout.
 PARENT = """
 import gc, sys, time
@@ -125,6 +125,7 @@ if __name__ == "__main__":
     print(",".join(str(w.pid) for w in iterator._workers), flush=True)
     if sys.argv[1] == "wait":
         time.sleep(600)
+    sys.stdin.readline()  # the test has seen the workers' shields
     gc.disable()
     cycle = [iterator]
     cycle.append(cycle)
@@ -136,7 +137,7 @@ if __name__ == "__main__":
 def _start_parent(tmp_path: Path, mode: str) -> tuple[subprocess.Popen[str], list[psutil.Process]]:
     script = tmp_path / "parent.py"
     script.write_text(PARENT)
-    proc = subprocess.Popen([sys.executable, str(script), mode], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), mode], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.strip(), f"the parent printed no worker pids (exit code {proc.poll()})"
@@ -170,6 +171,9 @@ def test_exit_with_live_workers_does_not_hang(tmp_path: Path) -> None:
     that ignored its parent's SIGTERM would hang the process here forever."""
     proc, workers = _start_parent(tmp_path, "exit")
     try:
+        assert proc.stdin is not None
+        proc.stdin.write("go\n")
+        proc.stdin.close()
         code = proc.wait(WAIT)
     finally:
         proc.kill()
