@@ -57,13 +57,17 @@ def test_two_ranks_fabric_launched_signal_to_one_rank_then_to_all(tmp_path: Path
 
 
 def test_one_rank_standalone_package_with_workers_and_background_checkpoints(tmp_path: Path) -> None:
-    """lightning_fabric (the standalone package), 2 DataLoader workers, periodic background saves, USR1 to the tree."""
+    """lightning_fabric (the standalone package), 2 DataLoader workers, periodic background saves; SIGTERM, then
+    USR1, to every process of the run (the workers too, from outside, as SLURM sends them): the workers outlive
+    both (preemptible/core/workers.py) and each attempt checkpoints at its agreed step."""
     options = ["--package", "lightning_fabric", "--num-workers", "2"]
     _, reference, _ = run_loop(tmp_path, "reference", "fabric", steps=STEPS, options=options)
     summary, trace, run_dir = run_loop(tmp_path, "preempted", "fabric", steps=STEPS,
                                        options=[*options, "--every-n-steps", "7", "--step-sleep", "0.05"],
-                                       plan=[Preemption(at_step=12, signal="USR1")])
-    events = assert_bitwise_resumed(summary, trace, reference, run_dir, ranks=1, steps=STEPS, preemptions=1)
+                                       plan=[Preemption(at_step=12, signal="TERM"),
+                                             Preemption(at_step=26, signal="USR1", repeat=2)])
+    events = assert_bitwise_resumed(summary, trace, reference, run_dir, ranks=1, steps=STEPS, preemptions=2)
+    assert [e["reason"] for e in events if e["event"] == Event.STOP_AGREED] == ["SIGTERM", "SIGUSR1"]
     periodic = [e for e in events if e["event"] == Event.CHECKPOINT and e["reason"] == "periodic"]
     assert periodic and all(e["background"] for e in periodic), periodic
 

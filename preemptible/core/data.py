@@ -15,6 +15,8 @@ and remembers, per epoch, what is needed to replay the same sequence:
   the worker just before the batch is loaded, so augmentation in workers does not depend on
   which worker loads a batch or on how many batches that worker loaded before.
 
+The workers' own survival of the job's signals is :mod:`preemptible.core.workers`.
+
 Nothing here imports Lightning; :mod:`preemptible.lightning` decides when to wrap and save.
 """
 
@@ -29,6 +31,8 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from preemptible.core.rng import capture_rng, restore_rng
+from preemptible.core.signals import DEFAULT_SIGNALS
+from preemptible.core.workers import ShieldedWorkerInit
 
 # Batches fetched ahead of training whose pre-fetch RNG we remember (Lightning prefetches one;
 # a user's own prefetching fetcher may take a few more).
@@ -80,13 +84,11 @@ class _SeedingGetItems:
         return [self.dataset[i] for i in indices]
 
 
-class SeedingWorkerInit:
-    """``worker_init_fn`` wrapper that installs the per-batch seeding hook, then runs the user's function."""
+class SeedingWorkerInit(ShieldedWorkerInit):
+    """``worker_init_fn`` wrapper: the job's signals shielded (:mod:`preemptible.core.workers`), the per-batch
+    seeding hook installed, then the user's function."""
 
-    def __init__(self, user_fn: Any) -> None:
-        self.user_fn = user_fn
-
-    def __call__(self, worker_id: int) -> None:
+    def extra_setup(self) -> None:
         info = torch.utils.data.get_worker_info()
         if info is not None:
             dataset: Any = info.dataset
@@ -95,8 +97,17 @@ class SeedingWorkerInit:
                 dataset.__getitems__ = _SeedingGetItems(dataset, original)
             except AttributeError:  # a dataset that forbids new attributes: no per-batch seeding
                 pass
-        if self.user_fn is not None:
-            self.user_fn(worker_id)
+
+
+def seed_loader_workers(loader: Any, signals: Iterable[Any] = DEFAULT_SIGNALS) -> None:
+    """Give ``loader`` (with workers) a :class:`SeedingWorkerInit` around its own ``worker_init_fn``, once."""
+    current = loader.worker_init_fn
+    if isinstance(current, SeedingWorkerInit):
+        return
+    if isinstance(current, ShieldedWorkerInit):  # shielded before: keep its signals, add the seeding
+        loader.worker_init_fn = SeedingWorkerInit(current.user_fn, (*current.signals, *signals))
+    else:
+        loader.worker_init_fn = SeedingWorkerInit(current, signals)
 
 
 class ResumableBatches:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -86,8 +88,20 @@ class FaultPlan:
 
 
 def fire(fault: Fault) -> None:
-    """Do it to this process (a SIGSTOP returns once someone sends SIGCONT)."""
+    """Do it to this process (a SIGSTOP returns once someone sends SIGCONT).
+
+    A signal to the group is sent by a short-lived process of its own session, as slurmstepd sends it
+    from outside: sent by this rank, its DataLoader workers would take a SIGTERM from their parent,
+    which means "exit now" to them (see :mod:`preemptible.core.workers`), not the job's preemption.
+    The call returns once the signal is sent.
+    """
     if fault.to_group:
-        os.killpg(os.getpgid(0), fault.signum)
+        group = os.getpgid(0)
+        sender = "import os, sys; os.killpg(int(sys.argv[1]), int(sys.argv[2]))"
+        try:
+            subprocess.run([sys.executable, "-I", "-S", "-c", sender, str(group), str(fault.signum)],
+                           start_new_session=True, check=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):  # no helper process: the signal still goes, from here
+            os.killpg(group, fault.signum)
     else:
         os.kill(os.getpid(), fault.signum)

@@ -133,7 +133,7 @@ class PreemptionCallback:
             agree_every_n_steps=agree_every_n_steps, max_crash_requeues=max_crash_requeues,
             peer_timeout=peer_timeout)
         self.session = PreemptionSession(self.config, JobEnvironment.from_env())  # records signals from here on
-        self._loaders = LoaderTracker(enabled=exact_data)
+        self._loaders = LoaderTracker(enabled=exact_data, signals=self.config.signals)
         self._snapshot: Optional[LightningSnapshot] = None
         self._validation_due: Callable[[], bool] = lambda: False
         self._resume_asked = False
@@ -185,6 +185,9 @@ class PreemptionCallback:
                 trainer, self._loaders.prepare, self._loaders.after_lightning_load):
             warnings.warn("preemptible: this Lightning version offers no point to prepare train loaders; "
                           "mid-epoch resume will replay or skip batches", stacklevel=2)
+        if not self.config.exact_data:  # no exact data: the train loaders' workers must still survive the signals
+            hooks.intercept_train_loader_setup(trainer, self._loaders.shield_workers, lambda loaders: None)
+        hooks.after_val_loader_setup(trainer, self._loaders.shield_workers)  # and the validation loaders' workers
         if signal.SIGTERM in session.signals.signals and session.signals.installed:
             # Ours is then the only SIGTERM handler on every rank: Lightning's per-batch broadcast of its
             # own SIGTERM flag could only carry 0. Our votes are reduced in its slot instead (one blocking

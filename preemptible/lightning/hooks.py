@@ -266,6 +266,28 @@ def intercept_train_loader_setup(trainer: "pl.Trainer", prepare: Callable[[list[
     return True
 
 
+def after_val_loader_setup(trainer: "pl.Trainer", call: Callable[[list[Any]], None]) -> bool:
+    """Call ``call(loaders)`` each time the fit's validation loop has built its loaders, before it iterates them
+    (the sanity check's validation included: the loop's first iterator starts its workers right after).
+
+    checked: 2.6 — ``fit_loop.epoch_loop.val_loop.setup_data`` and its ``_combined_loader.flattened``.
+    """
+    val_loop = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "val_loop", None)
+    setup_data = getattr(val_loop, "setup_data", None)
+    if setup_data is None or getattr(setup_data, "_preemptible", False):
+        return False
+
+    def setup_then_call() -> None:
+        setup_data()
+        combined = getattr(val_loop, "_combined_loader", None)
+        if combined is not None:
+            call(combined.flattened)
+
+    setup_then_call._preemptible = True  # type: ignore[attr-defined]
+    val_loop.setup_data = setup_then_call  # type: ignore[union-attr]
+    return True
+
+
 def lightning_spawned_children(trainer: "pl.Trainer") -> list[Any]:
     """The rank processes Lightning's script launcher started from this process (empty elsewhere).
 

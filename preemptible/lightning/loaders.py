@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 from torch.utils.data import DataLoader, IterableDataset
 
-from preemptible.core.data import ResumableBatches, SeedingWorkerInit
+from preemptible.core.data import ResumableBatches, seed_loader_workers
 from preemptible.core.rng import restore_rng
+from preemptible.core.signals import DEFAULT_SIGNALS
+from preemptible.core.workers import shield_loader_workers
 from preemptible.lightning import hooks
 
 if TYPE_CHECKING:
@@ -18,8 +20,9 @@ if TYPE_CHECKING:
 class LoaderTracker:
     """Wraps map-style DataLoaders' batch samplers and carries their per-rank resume plan."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, signals: Iterable[Any] = DEFAULT_SIGNALS) -> None:
         self.enabled = enabled
+        self.signals = tuple(signals)  # the run's preemption signals: its loaders' workers must survive them
         self.wrappers: list[Optional[ResumableBatches]] = []
         self.stateful: list[Any] = []  # the user's own stateful loaders, by position (None elsewhere)
         self._plan: Optional[dict[str, Any]] = None
@@ -30,6 +33,7 @@ class LoaderTracker:
     # -- at set-up --------------------------------------------------------------------------------
     def prepare(self, loaders: list[Any]) -> None:
         self.wrappers = [self._wrap(dl) if self.enabled else None for dl in loaders]
+        self.shield_workers(loaders)
         self.stateful = [dl if self.enabled and _own_stateful(dl) else None for dl in loaders]
         plan, self._plan = self._plan, None
         if plan is None:
@@ -58,6 +62,11 @@ class LoaderTracker:
             # the loader's iterator exists and before the first batch is fetched, i.e. when training starts.
             self._rng_pending = rng
 
+    def shield_workers(self, loaders: list[Any]) -> None:
+        """Every loader with workers (exact data or not, train or validation): the workers outlive the job's signals."""
+        for dl in loaders:
+            shield_loader_workers(dl, self.signals)
+
     def after_lightning_load(self, loaders: list[Any]) -> None:
         """Lightning gives every rank rank 0's loader state; give each rank its own instead."""
         pending, self._stateful_pending = self._stateful_pending, {}
@@ -79,8 +88,8 @@ class LoaderTracker:
             return dl.batch_sampler
         wrapper = ResumableBatches(dl.batch_sampler, in_process=dl.num_workers == 0)
         hooks.replace_batch_sampler(dl, wrapper)
-        if dl.num_workers > 0 and not isinstance(dl.worker_init_fn, SeedingWorkerInit):
-            dl.worker_init_fn = SeedingWorkerInit(dl.worker_init_fn)
+        if dl.num_workers > 0:
+            seed_loader_workers(dl, self.signals)
         # Lightning asks whether the loader is resumable to decide whether to warn; the real state is per
         # rank and travels in the callback's state.
         hooks.mark_loader_resumable(dl)

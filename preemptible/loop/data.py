@@ -10,12 +10,13 @@ itself: the batches it handed to the loop in the current epoch.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from torch.utils.data import DataLoader, IterableDataset
 
-from preemptible.core.data import ResumableBatches, SeedingWorkerInit
+from preemptible.core.data import ResumableBatches, seed_loader_workers
 from preemptible.core.rng import restore_rng
+from preemptible.core.signals import DEFAULT_SIGNALS
 
 #: Version of one loader's entry in a rank's state.
 LOADER_FORMAT = 1
@@ -52,7 +53,8 @@ class ResumableLoader:
         batches_this_epoch: batches handed to the loop so far in the current epoch.
     """
 
-    def __init__(self, loader: Any, inner: DataLoader[Any], *, fabric_epochs: bool = False) -> None:
+    def __init__(self, loader: Any, inner: DataLoader[Any], *, fabric_epochs: bool = False,
+                 signals: Iterable[Any] = DEFAULT_SIGNALS) -> None:
         if isinstance(inner.dataset, IterableDataset) or inner.batch_sampler is None:
             raise ValueError("preemptible: exact data position needs a map-style DataLoader with a batch size "
                              "(not an IterableDataset, not batch_size=None); iterate such a loader directly, and "
@@ -66,8 +68,8 @@ class ResumableLoader:
         # DataLoader.__setattr__ refuses a new batch sampler after construction (checked: torch 2.13); the
         # wrapper yields the same index lists, so bypassing that guard changes nothing the loader sees.
         object.__setattr__(inner, "batch_sampler", self._batches)
-        if inner.num_workers > 0 and not isinstance(inner.worker_init_fn, SeedingWorkerInit):
-            inner.worker_init_fn = SeedingWorkerInit(inner.worker_init_fn)
+        if inner.num_workers > 0:  # per-batch seeds, and workers that outlive the job's signals (core/workers.py)
+            seed_loader_workers(inner, signals)
         self.epoch = 0
         self._ended = False  # the last pass ran to its end (and `epoch` already counts the next one)
         self.batches_this_epoch = 0

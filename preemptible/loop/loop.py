@@ -197,7 +197,8 @@ class PreemptibleLoop:
         """
         if not self._entered:
             raise RuntimeError("PreemptibleLoop.dataloader(): call it inside the `with` block (after the resume)")
-        wrapped = ResumableLoader(loader, self.inner_loader(loader), fabric_epochs=self.sets_sampler_epoch)
+        wrapped = ResumableLoader(loader, self.inner_loader(loader), fabric_epochs=self.sets_sampler_epoch,
+                                  signals=self.session.config.signals)
         index = len(self.loaders)
         self.loaders.append(wrapped)
         if self._plan is not None:

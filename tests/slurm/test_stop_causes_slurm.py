@@ -50,14 +50,14 @@ class JobWithoutSignal(Job):
     """A :class:`Job` whose script has no ``--signal``: a preemption then sends SIGTERM alone."""
 
     def __init__(self, tmp_path: Path, cluster: SlurmCluster, jobs: list[str], name: str, step_sleep: float,
-                 slow_attempts: int | None = None) -> None:
+                 slow_attempts: int | None = None, num_workers: int = 0) -> None:
         from helpers import example_command
 
         self.cluster = cluster
         self.run_dir = tmp_path / "run"
         self.record = tmp_path / "record.jsonl"
         command = example_command(self.record, max_steps=STEPS, devices=RANKS, step_sleep=step_sleep,
-                                  slow_attempts=slow_attempts)
+                                  slow_attempts=slow_attempts, num_workers=num_workers)
         rendered = subprocess.run([sys.executable, "-m", "preemptible.cli", "sbatch", "--dry-run", "--job-name",
                                    f"pt-{name}", "--ntasks-per-node", str(RANKS), "--cpus-per-task", "1", "--partition",
                                    "low", "--run-dir", str(self.run_dir), "--", *command],
@@ -106,14 +106,18 @@ def test_scancel_ends_the_job_after_a_checkpoint(tmp_path: Path, slurm_cluster: 
 def test_preemption_with_sigterm_only_requeues(tmp_path: Path, slurm_cluster: SlurmCluster, slurm_jobs: list[str],
                                                reference_run) -> None:
     """A job without ``--signal`` is preempted with SIGTERM alone (as without ``preempt_send_user_signal``):
-    still RUNNING with a PreemptTime, so it is checkpointed and requeued, and it finishes like the reference."""
-    reference_run(max_steps=STEPS, devices=RANKS)
-    job = JobWithoutSignal(tmp_path, slurm_cluster, slurm_jobs, "presigterm", 0.5, slow_attempts=1)
+    still RUNNING with a PreemptTime, so it is checkpointed and requeued, and it finishes like the reference.
+
+    Each rank loads its data with 2 DataLoader workers: slurmstepd's SIGTERM reaches them too (every pid
+    of the step), and they must live on until their rank has checkpointed (preemptible/core/workers.py)."""
+    reference_run(max_steps=STEPS, devices=RANKS, num_workers=2)
+    job = JobWithoutSignal(tmp_path, slurm_cluster, slurm_jobs, "presigterm", 0.5, slow_attempts=1, num_workers=2)
     job.wait_state("RUNNING", timeout=120)
     job.wait_training(3)
     submit_high(tmp_path, slurm_jobs)
     job.wait_restarts(1)
-    assert_finished_like_reference(job, reference_run)
+    assert_finished_like_reference(job, reference_run, num_workers=2)
+    assert "exited unexpectedly" not in job.log_text(), job.log_tail()
     signals = {(e["rank"], e["signal"]) for e in job.events() if e["event"] == Event.SIGNAL and e["restart_count"] == 0}
     assert signals == {(0, "SIGTERM"), (1, "SIGTERM")}, signals
     assert_stopped_for(job, 0, StopCauseName.PREEMPTED, Action.REQUEUE)
