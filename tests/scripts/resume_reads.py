@@ -63,6 +63,8 @@ class Ballasted(TinyModel):
         self.report["mapped_while_loading"] = mapped(resume)
 
     def on_train_start(self) -> None:
+        if resume is None:
+            return  # the run that preempts itself starts fresh: nothing to report
         gc.collect()
         self.report["mapped_at_first_step"] = mapped(resume)
         saved = torch.load(resume, map_location="cpu", weights_only=True)
