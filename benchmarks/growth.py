@@ -109,8 +109,9 @@ def run(ctx: Context) -> Section:
             f"World size 2 vs 1 at {mbytes(two['bytes'])}: save {secs(two['save'])} vs {secs(one['save'])} (rank 0 writes "
             "the one file; the other rank adds a gather of its RNG and loader states, kilobytes, while sharing this "
             f"machine's two cores), resume extra {secs(two['resume_extra'])} vs {secs(one['resume_extra'])}: only global rank 0 "
-            "validates (crc32) the file, the other ranks take its verdict (core/verdict.py), but every rank still "
-            "loads the whole file, here two ranks on the same disk and two cores.")
+            "validates (crc32) the file, the other ranks take its verdict (core/verdict.py), and each rank loads it once, "
+            "memory-mapped (core/mapped.py): the ranks share the file's pages in the page cache and copy the weights "
+            "straight from there into their models.")
     section.data["line"] = ("Growth: save and resume time linear in the state size (" +
                             ", ".join(f"ws={ws}: {1 / f['save_s_per_mb']:.0f} MB/s save" for ws, f in section.data["fits"].items()
                                       if f["save_s_per_mb"] == f["save_s_per_mb"] and f["save_s_per_mb"] > 0) +

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from preemptible.core.config import SessionConfig
 from preemptible.core.environment import JobEnvironment
+from preemptible.core.mapped import Span, copy_optimizers_out_of, copy_out_of, span_of
 from preemptible.core.requeue import RequeueBackend
 from preemptible.core.rng import capture_rng
 from preemptible.core.rundir import RunDirError
@@ -26,7 +27,7 @@ from preemptible.core.signals import DEFAULT_SIGNAL_NAMES
 from preemptible.lightning import hooks
 from preemptible.lightning import pltypes as pl  # annotations only (see pltypes: jsonargparse reads this module)
 from preemptible.lightning.clisupport import keep_saved_cli_config
-from preemptible.lightning.compat import check_checkpoint_fits
+from preemptible.lightning.compat import CheckpointMismatch, check_checkpoint_fits
 from preemptible.lightning.loaders import LoaderTracker
 from preemptible.lightning.loggers import export_wandb_run_id, keep_logger_versions
 from preemptible.lightning.resume import choose_checkpoint, newest_checkpoint
@@ -141,6 +142,7 @@ class PreemptionCallback:
         # owes a validation): saved, with the loop's progress from the validation's start, by a stop inside it.
         self._owed_rank_state: Optional[dict[str, Any]] = None
         self._redo_validation = False
+        self._mapped_span: Optional[Span] = None  # where a memory-mapped checkpoint being restored lies
         if "wandb" in sys.modules or importlib.util.find_spec("wandb") is not None:
             try:
                 export_wandb_run_id(self.session.run)
@@ -198,18 +200,27 @@ class PreemptionCallback:
         self._validation_due = lambda: hooks.validation_due(trainer)  # made once, not per batch
         # Lightning picks the checkpoint it loads before this hook and tells no callback: the run begins at
         # the point where it restores, with the user's choice or, when there is none, the run's newest.
-        if not hooks.choose_checkpoint_to_restore(trainer, lambda asked: self._begin(
-                trainer, pl_module, choose_checkpoint(asked, newest, trainer.is_global_zero))):
+        if not hooks.choose_checkpoint_to_restore(trainer, lambda asked, read: self._begin(
+                trainer, pl_module, choose_checkpoint(asked, newest, trainer.is_global_zero), read)):
             warnings.warn("preemptible: this Lightning version offers no point to choose the checkpoint to restore; "
                           "pass trainer.fit(..., ckpt_path=callback.resume_path()) to resume", stacklevel=2)
             self._begin(trainer, pl_module, trainer.ckpt_path or (newest if self._resume_asked else None))
 
     def _begin(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule",
-               ckpt: Optional[Union[str, "os.PathLike[str]"]]) -> Optional[str]:
-        """Every rank, once the checkpoint to restore is known: check it fits, journal the (re)start."""
+               ckpt: Optional[Union[str, "os.PathLike[str]"]], read: Optional[hooks.CheckpointReader] = None) -> Optional[str]:
+        """Every rank, once the checkpoint to restore is known: check it fits, journal the (re)start.
+
+        ``read`` loads it (memory-mapped) once for both the fit check and Lightning's restore.
+        """
         ckpt = str(ckpt) if ckpt else None
         if ckpt:
-            check_checkpoint_fits(ckpt, pl_module, trainer.world_size, self.config.allow_world_size_change)
+            try:
+                checkpoint = read(ckpt) if read is not None else None
+            except Exception as exc:  # noqa: BLE001 - reported with the file name, before Lightning touches anything
+                raise CheckpointMismatch(f"cannot read checkpoint {ckpt}: {exc}") from exc
+            self._mapped_span = span_of(checkpoint)
+            check_checkpoint_fits(ckpt, pl_module, trainer.world_size, self.config.allow_world_size_change,
+                                  checkpoint=checkpoint)
             self.session.resumed_from = Path(ckpt)
         self.session.start(checkpoint=ckpt)
         return ckpt
@@ -245,6 +256,10 @@ class PreemptionCallback:
             self._leave(trainer)
 
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # The restore is over: what the optimizers kept of a mapped checkpoint gets memory of its own, so that no
+        # page of the file is needed once it may be rotated away (preemptible.core.mapped).
+        copy_optimizers_out_of(trainer.optimizers, self._mapped_span)
+        self._mapped_span = None
         self._loaders.at_train_start()
         # A signal that came before the first step (during set-up or the sanity check): stop now.
         if self.session.training_started(trainer.global_step, trainer.current_epoch, loaded=trainer.ckpt_path):
@@ -306,6 +321,7 @@ class PreemptionCallback:
         return packed_state([self._rank_state(None)], gathered=False)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = copy_out_of(state_dict, self._mapped_span)  # kept until training starts: not the file's pages
         ranks = state_dict.get("ranks") or []
         rank = _current_rank()
         loaded = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -21,16 +21,19 @@ class CheckpointMismatch(CheckpointError):
 
 
 def check_checkpoint_fits(path: str | os.PathLike[str], pl_module: "pl.LightningModule", world_size: int,
-                          allow_world_size_change: bool) -> None:
+                          allow_world_size_change: bool, checkpoint: Optional[dict[str, Any]] = None) -> None:
     """Raise :class:`CheckpointMismatch` naming ``path`` and the difference, or return quietly.
 
-    Only the checkpoint's structure is read (``mmap``), not its tensors' data.
+    ``checkpoint``: the file already loaded (the dict Lightning then restores, so the file is not
+    opened twice). Otherwise only its structure is read here (``mmap``), not its tensors' data.
     """
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any failure to read is reported with the file name
-        raise CheckpointMismatch(f"cannot read checkpoint {path}: {exc}") from exc
+    ckpt = checkpoint
+    if ckpt is None:
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # noqa: BLE001 - any failure to read is reported with the file name
+            raise CheckpointMismatch(f"cannot read checkpoint {path}: {exc}") from exc
     saved: dict[str, Any] = ckpt.get("state_dict") or {}
     own = pl_module.state_dict()
     mismatched = [(k, tuple(saved[k].shape), tuple(v.shape)) for k, v in own.items()

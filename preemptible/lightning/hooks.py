@@ -9,10 +9,13 @@ the whole callback. Nothing else under ``preemptible/`` touches a private Lightn
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import threading
 import warnings
-from typing import TYPE_CHECKING, Any, Callable, Optional
+import zipfile
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from preemptible.lightning import namespace
 
@@ -150,27 +153,95 @@ def disable_lightning_auto_requeue(trainer: "pl.Trainer") -> bool:
     return False
 
 
-def choose_checkpoint_to_restore(trainer: "pl.Trainer", choose: Callable[[Optional[str]], Optional[str]]) -> bool:
-    """Let ``choose(asked)`` decide the checkpoint ``fit`` restores; ``asked`` is Lightning's own choice.
+#: ``read(path)``: the checkpoint at ``path`` loaded once for this restore (see :func:`choose_checkpoint_to_restore`),
+#: or ``None`` where Lightning's own strategy must read it (then nothing is shared).
+CheckpointReader = Callable[[str], Optional[dict[str, Any]]]
+
+
+def choose_checkpoint_to_restore(trainer: "pl.Trainer",
+                                 choose: Callable[[Optional[str], CheckpointReader], Optional[str]]) -> bool:
+    """Let ``choose(asked, read)`` decide the checkpoint ``fit`` restores; ``asked`` is Lightning's own choice.
 
     Lightning selects the path (``ckpt_path``, ``trainer.ckpt_path``, its SLURM ``"hpc"`` one) before
     any callback hook and restores it after ``setup``; no public API lets a callback supply one at
     that point (the ``trainer.ckpt_path`` setter only works before ``fit``). So the one call that
     restores the model, datamodule and callbacks (and, through ``_loaded_checkpoint``, the training
     state) is given the chosen path. Undone by :func:`restore_checkpoint_choice`.
-    checked: 2.6 — ``trainer._checkpoint_connector._restore_modules_and_callbacks(checkpoint_path, weights_only)``.
+
+    ``read(path)`` loads the checkpoint memory-mapped (:mod:`preemptible.core.mapped`) when the
+    strategy would read it as a plain ``torch.load`` of a local file, and Lightning's restore then
+    takes that very dict instead of reading the file again: one load per rank (shared with the
+    fit check), its pages shared by the ranks of a node. Anything else (a sharded strategy, a custom
+    ``CheckpointIO``, a URL) returns ``None`` and Lightning reads the file as it always does.
+    checked: 2.6 — ``trainer._checkpoint_connector._restore_modules_and_callbacks(checkpoint_path, weights_only)``,
+    which calls ``resume_start`` → ``trainer.strategy.load_checkpoint(checkpoint_path, weights_only=...)``.
     """
     connector = getattr(trainer, "_checkpoint_connector", None)
     restore = getattr(type(connector), "_restore_modules_and_callbacks", None)
     if connector is None or restore is None:
         return False
 
-    def restore_chosen(checkpoint_path: Optional[str] = None, *args: Any, **kwargs: Any) -> None:
-        restore(connector, choose(checkpoint_path), *args, **kwargs)
+    def restore_chosen(checkpoint_path: Optional[str] = None, weights_only: Optional[bool] = None) -> None:
+        loaded: dict[str, dict[str, Any]] = {}
+
+        def read(path: str) -> Optional[dict[str, Any]]:
+            if path not in loaded:
+                checkpoint = _load_mapped_for(trainer, path, weights_only)
+                if checkpoint is None:
+                    return None
+                loaded[path] = checkpoint
+            return loaded[path]
+
+        chosen = choose(checkpoint_path, read)
+        if chosen is not None and chosen in loaded:
+            with _strategy_returns(trainer, chosen, loaded.pop(chosen)):
+                restore(connector, chosen, weights_only)
+        else:
+            restore(connector, chosen, weights_only)
 
     restore_chosen._preemptible = True  # type: ignore[attr-defined]
     connector._restore_modules_and_callbacks = restore_chosen  # an instance attribute shadows the method
     return True
+
+
+def _load_mapped_for(trainer: "pl.Trainer", path: str, weights_only: Optional[bool]) -> Optional[dict[str, Any]]:
+    """The checkpoint, memory-mapped, where that is what the strategy's own load amounts to; else ``None``.
+
+    checked: 2.6 — ``Strategy.load_checkpoint`` (not overridden by the single-device and DDP strategies)
+    is ``checkpoint_io.load_checkpoint(path, weights_only=...)``, and ``TorchCheckpointIO`` is
+    ``torch.load(<open file>, map_location=lambda storage, loc: storage, weights_only=...)``.
+    """
+    from preemptible.core.mapped import load_mapped
+
+    strategy = trainer.strategy
+    base = namespace.of(trainer).load("strategies", "Strategy")
+    torch_io = namespace.of(trainer).load_fabric("plugins.io.torch_io", "TorchCheckpointIO")
+    plain = (getattr(type(strategy), "load_checkpoint", None) is getattr(base, "load_checkpoint", None)
+             and type(strategy.checkpoint_io) is torch_io)
+    if not plain or "://" in path or not os.path.isfile(path) or not zipfile.is_zipfile(path):
+        return None
+    checkpoint = load_mapped(path, weights_only=weights_only, map_location=lambda storage, loc: storage)
+    return checkpoint if isinstance(checkpoint, dict) else None
+
+
+@contextlib.contextmanager
+def _strategy_returns(trainer: "pl.Trainer", path: str, checkpoint: dict[str, Any]) -> Iterator[None]:
+    """While Lightning restores ``path``: ``trainer.strategy.load_checkpoint(path)`` returns ``checkpoint``
+    (once), any other path is read as usual. checked: 2.6 — called once, by ``resume_start``."""
+    strategy = trainer.strategy
+    own = type(strategy).load_checkpoint
+    given = [checkpoint]
+
+    def load_checkpoint(checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        if given and str(checkpoint_path) == path:
+            return given.pop()
+        return own(strategy, checkpoint_path, weights_only=weights_only)
+
+    strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]  # instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del strategy.load_checkpoint
 
 
 def restore_checkpoint_choice(trainer: "pl.Trainer") -> None:

@@ -20,6 +20,7 @@ import torch
 from preemptible.core.checkpointing import rank_state_in
 from preemptible.core.config import SessionConfig
 from preemptible.core.environment import JobEnvironment
+from preemptible.core.mapped import copy_optimizers_out_of, copy_out_of, load_mapped, span_of
 from preemptible.core.rng import capture_rng, restore_rng
 from preemptible.core.schema import STATE_FORMAT, STATE_KEY
 from preemptible.core.session import PreemptionSession
@@ -123,7 +124,10 @@ class PreemptibleLoop:
 
     def load(self, path: str) -> dict[str, Any]:
         """Restore ``self.state`` in place from the checkpoint at ``path``; return what is left (preemptible's entry)."""
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # Memory-mapped: the ranks of a node share the file's pages, and a module's load_state_dict copies straight
+        # from them; what would stay backed by the file (optimizer state, plain values, our own entry) is copied out.
+        checkpoint = load_mapped(path)
+        span = span_of(checkpoint)
         missing = sorted(name for name in self.state if name not in checkpoint)
         if missing:
             raise KeyError(f"preemptible: checkpoint {path} has no entry for {missing} of the registered state "
@@ -132,9 +136,10 @@ class PreemptibleLoop:
         for name, obj in list(self.state.items()):
             if _stateful(obj):
                 obj.load_state_dict(checkpoint.pop(name))
+                copy_optimizers_out_of([obj], span)
             else:
-                self.state[name] = checkpoint.pop(name)
-        return checkpoint
+                self.state[name] = copy_out_of(checkpoint.pop(name), span)
+        return copy_out_of(checkpoint, span)
 
     def snapshot(self) -> LoopSnapshot:
         return LoopSnapshot(self)
@@ -244,5 +249,5 @@ class PreemptibleLoop:
 
 def checkpoint_step(path: str | Path) -> int:
     """The loop step a checkpoint written by a :class:`PreemptibleLoop` was taken at."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_mapped(path)  # the counters only: no tensor's data is read
     return int(((checkpoint.get(STATE_KEY) or {}).get(LOOP_KEY) or {}).get("step", 0))
