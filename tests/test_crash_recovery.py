@@ -134,17 +134,20 @@ def test_ddp_rank_killed_is_relaunched_bitwise(tmp_path: Path, reference_run) ->
 
 def test_batch_shell_rules_cancel_and_missing_scontrol() -> None:
     """scancel is told from a requeue by squeue's state; without scontrol the ranks delegate under our templates."""
+    from preemptible.core.cause import SlurmJobState, already_requeued, job_being_cancelled
     from preemptible.core.requeue import RequeueError, SlurmRequeue
-    from preemptible.scheduler.afterstep import JobState, already_requeued, job_being_cancelled
 
-    assert job_being_cancelled(JobState("CANCELLED", 0, "None"), 0)
-    assert job_being_cancelled(JobState("COMPLETING", 1, "None"), 1)
-    assert not job_being_cancelled(JobState("COMPLETING", 1, "TimeLimit"), 1)
-    assert not job_being_cancelled(JobState("COMPLETING", 2, "None"), 1), "a requeue raised the restart count"
-    assert not job_being_cancelled(JobState("RUNNING", 0, "None"), 0)
+    def state(line: str) -> SlurmJobState:  # an squeue answer: State|RestartCnt|PreemptTime|Reason|TimeLeft|
+        return SlurmJobState.parse(line)
+
+    assert job_being_cancelled(state("CANCELLED|0|None|None|1:00|"), 0)
+    assert job_being_cancelled(state("COMPLETING|1|None|None|1:00|"), 1)
+    assert not job_being_cancelled(state("COMPLETING|1|None|TimeLimit|0:00|"), 1)
+    assert not job_being_cancelled(state("COMPLETING|2|None|None|1:00|"), 1), "a requeue raised the restart count"
+    assert not job_being_cancelled(state("RUNNING|0|None|None|1:00|"), 0)
     assert not job_being_cancelled(None, 0)
-    assert already_requeued(JobState("PENDING", 1, "BeginTime"), 0)
-    assert not already_requeued(JobState("RUNNING", 0, "None"), 0)
+    assert already_requeued(state("PENDING|1|None|BeginTime|1:00|"), 0)
+    assert not already_requeued(state("RUNNING|0|None|None|1:00|"), 0)
 
     env = {"SLURM_JOB_ID": "77"}
     missing = SlurmRequeue(scontrol="no-such-scontrol-here")

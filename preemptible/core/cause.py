@@ -147,6 +147,39 @@ def query_slurm(job_id: str, timeout: float = QUERY_TIMEOUT, squeue: str = "sque
         raise RuntimeError(str(exc)) from None
 
 
+#: Job states in which SLURM already has the job back in the queue (or on its way there).
+REQUEUED_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "CONFIGURING"})
+
+
+def job_state(job_id: str, timeout: float = QUERY_TIMEOUT, squeue: str = "squeue") -> Optional[SlurmJobState]:
+    """:func:`query_slurm`, or ``None`` when squeue is missing, fails or no longer lists the job (never raises)."""
+    try:
+        return query_slurm(job_id, timeout=timeout, squeue=squeue)
+    except RuntimeError:
+        return None
+
+
+def job_being_cancelled(state: Optional[SlurmJobState], restart_count: int) -> bool:
+    """Whether the job is ending because someone cancelled it (``scancel``), not preempted, requeued or out of time.
+
+    ``scancel`` leaves the job CANCELLED (COMPLETING while its processes go) with its restart count
+    unchanged and a reason other than ``TimeLimit``; a requeue raises the restart count or puts the job
+    back to PENDING. The one place this rule lives, for every supervisor of a crashed attempt (the batch
+    shell's :mod:`preemptible.scheduler.afterstep`, the in-rank :mod:`preemptible.core.supervisor`).
+    """
+    if state is None:
+        return False
+    if state.state.startswith("CANCELLED"):
+        return True
+    return (state.state == "COMPLETING" and state.restart_count == restart_count
+            and "timelimit" not in state.reason.replace(" ", "").lower())
+
+
+def already_requeued(state: Optional[SlurmJobState], restart_count: int) -> bool:
+    """Whether SLURM has put the job back in the queue already (its restart count moved, or it is pending again)."""
+    return state is not None and (state.restart_count > restart_count or state.state in REQUEUED_STATES)
+
+
 def classify_slurm(answer: Optional[SlurmJobState], base_restart_count: int, signal_lead: Optional[float] = None,
                    error: str = "") -> StopVerdict:
     """The decision from the controller's answer (``None``: it did not answer; ``error`` says why)."""

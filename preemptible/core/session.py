@@ -112,6 +112,7 @@ class PreemptionSession:
         self.stop_verdict: Optional[stop_cause.StopVerdict] = None
         self._watchdog: Optional[PeerWatchdog] = None
         self._leave_code: Optional[int] = None  # what the in-process supervisor chose after a lost peer
+        self._own_supervisor: Optional[supervisor.RankCrashSupervisor] = None  # registered by this session
         self._faults: Optional[FaultPlan] = None  # testing faults (PREEMPTIBLE_INJECT); None: one cheap check per step
         #: Called (on the watchdog's thread) right before a rank leaves because a peer was lost; an adapter
         #: adds what must happen first (the Lightning one stops its launcher from killing this process).
@@ -385,6 +386,9 @@ class PreemptionSession:
         self.background.wait()
         if self._watchdog is not None:
             self._watchdog.stop()
+        if self._own_supervisor is not None:
+            supervisor.set_crash_supervisor(None)
+            self._own_supervisor = None
         self.agreement.close()
         self.signals.restore()
         if self._lock is not None:
@@ -403,6 +407,11 @@ class PreemptionSession:
     # -- crashes without warning (core/watchdog.py) and faults on purpose (core/inject.py) ------------------
     def _start_watchdog(self, token: str) -> None:
         timeout = float(self.config.peer_timeout or 0.0)
+        if self.env.under_submitit and self.env.under_slurm and not supervisor.has_crash_supervisor():
+            # submitit's own sbatch script (hydra-submitit-launcher, a plain executor.submit) runs nothing after
+            # srun that could requeue a crashed attempt: the ranks decide (the submitit task registers its own).
+            self._own_supervisor = supervisor.RankCrashSupervisor(self.run.path, log_hint="the submitit logs")
+            supervisor.set_crash_supervisor(self._own_supervisor)
         if timeout > 0:
             self._watchdog = PeerWatchdog(self.run.path / WATCHDOG_DIR, self.rank, self.world_size, token, timeout,
                                           on_loss=self._peer_lost, exit=self._exit_after_peer_loss)

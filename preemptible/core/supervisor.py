@@ -5,8 +5,11 @@ templates (:mod:`preemptible.scheduler.afterstep`), ``preemptible run``. submiti
 script has no step after ``srun``, so there the ranks must decide before they leave. This module
 is the meeting point, free of submitit and Lightning:
 
-* the supervisor (the submitit task, :class:`preemptible.scheduler.submitit.PreemptibleTask`)
-  registers a hook with :func:`set_crash_supervisor` for the time it runs the training function;
+* the supervisor registers a hook with :func:`set_crash_supervisor`: the submitit task
+  (:class:`preemptible.scheduler.submitit.PreemptibleTask`) for the time it runs the training function;
+  failing that, the session itself registers a :class:`RankCrashSupervisor` in any job that submitit's
+  own sbatch script started (``SUBMITIT_EXECUTOR=slurm``: hydra-submitit-launcher, a plain
+  ``executor.submit(train)``), since no batch shell decides after ``srun`` there either;
 * a rank about to leave because a peer died or froze calls :func:`crash_exit_code`: the session on
   its peer watchdog's thread (:meth:`~preemptible.core.session.PreemptionSession._peer_lost`, right
   before the process ends; its main thread may be stuck in a collective for good), or the
@@ -32,6 +35,12 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
+from preemptible.core.cause import job_being_cancelled, job_state
+from preemptible.core.crashes import decide
+from preemptible.core.environment import JobEnvironment
+from preemptible.core.exit import REQUEUE_EXIT_CODE
+from preemptible.core.requeue import RequeueError, SlurmRequeue
+
 log = logging.getLogger(__name__)
 
 #: ``hook(exit_code) -> exit code to leave with, or None`` (see the module's docstring).
@@ -55,6 +64,12 @@ def set_crash_supervisor(hook: Optional[CrashSupervisor]) -> Optional[CrashSuper
     with _lock:
         previous, _hook, _answer = _hook, hook, None
     return previous
+
+
+def has_crash_supervisor() -> bool:
+    """Whether a hook is registered in this process."""
+    with _lock:
+        return _hook is not None
 
 
 def crash_exit_code(code: int) -> int:
@@ -103,3 +118,47 @@ def claimed_attempts(run_dir: str | os.PathLike[str], job: str) -> int:
     """How many attempts of job ``job`` have ended with a claim in ``run_dir``."""
     directory = Path(run_dir) / SUPERVISOR_DIR
     return len(list(directory.glob(f"attempt-{job}-*"))) if directory.is_dir() else 0
+
+
+class RankCrashSupervisor:
+    """The supervisor inside the ranks of a job whose batch script runs nothing after ``srun`` (submitit's).
+
+    Registered with :func:`set_crash_supervisor`; called by a rank about to leave on a crash. The first
+    rank of the attempt to :func:`claim_attempt` it decides by :func:`preemptible.core.crashes.decide`
+    (bounds, crash loop, messages), never while the job is being cancelled; on a requeue it runs
+    ``scontrol requeue`` under SLURM and answers :data:`~preemptible.REQUEUE_EXIT_CODE` (which also makes
+    submitit's ``LocalExecutor`` relaunch). ``None``: leave with the crash code (no requeue, or another
+    rank decides).
+
+    Args:
+        run_dir: the run directory (shared by every rank).
+        job_key: the job's name in the claims; default: SLURM's job id (a supervisor outside SLURM gives its own).
+        log_hint: where the attempt's output is, for the messages.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike[str], job_key: Optional[Callable[[JobEnvironment], str]] = None,
+                 log_hint: str = "the job's logs") -> None:
+        self.run_dir = os.fspath(run_dir)
+        self.job_key = job_key or (lambda env: env.job_id or "local")
+        self.log_hint = log_hint
+
+    def __call__(self, code: int) -> Optional[int]:
+        env = JobEnvironment.from_env()
+        if not claim_attempt(self.run_dir, self.job_key(env), env.restart_count, env.global_rank, "crash"):
+            print(f"preemptible: rank {env.global_rank}: another rank decides what follows this crash", flush=True)
+            return None
+        state = job_state(env.slurm_job_id) if env.under_slurm and env.slurm_job_id else None
+        verdict = decide(self.run_dir, code, env=env, cancelled=job_being_cancelled(state, env.slurm_restart_count),
+                         log_hint=self.log_hint)
+        if verdict.message:
+            print(verdict.message, flush=True)
+        if not verdict.requeue:
+            return None
+        if env.under_slurm:
+            try:
+                outcome = SlurmRequeue().request(env)
+            except RequeueError as error:
+                print(f"preemptible: {error}", flush=True)
+                return None
+            print(f"preemptible: rank {env.global_rank}: {outcome.detail}", flush=True)
+        return REQUEUE_EXIT_CODE

@@ -57,12 +57,10 @@ from typing import Any, Callable, Optional
 import submitit
 
 from preemptible.core import supervisor
-from preemptible.core.crashes import decide, failure_kind
+from preemptible.core.crashes import failure_kind
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.exit import CRASH_EXIT_CODE, REQUEUE_EXIT_CODE, Preempted
-from preemptible.core.requeue import RequeueError, SlurmRequeue
 from preemptible.core.schema import FailureKind
-from preemptible.scheduler.afterstep import job_being_cancelled, job_state
 
 __all__ = ["PreemptibleTask"]
 
@@ -122,31 +120,8 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         return supervisor.claim_attempt(self.run_dir, _job_key(env), env.restart_count, env.global_rank, why)
 
     def _after_crash(self, code: int) -> Optional[int]:
-        """The in-process supervisor (:mod:`preemptible.core.supervisor`): a rank leaves on a crash with ``code``.
-
-        Only the first rank of the attempt to claim it decides, by the rule of :func:`preemptible.core.crashes.decide`;
-        on a requeue, ``scontrol requeue`` under SLURM first, then :data:`~preemptible.REQUEUE_EXIT_CODE` (which
-        also makes ``LocalExecutor`` relaunch). ``None``: leave with ``code`` (no requeue, or another rank decides).
-        """
-        env = JobEnvironment.from_env()
-        if not self._claim(env, "crash"):
-            print(f"preemptible: rank {env.global_rank}: another rank decides what follows this crash", flush=True)
-            return None
-        state = job_state(env.slurm_job_id) if env.slurm_job_id else None
-        verdict = decide(self.run_dir, code, env=env, cancelled=job_being_cancelled(state, env.slurm_restart_count),
-                         log_hint="the submitit logs")
-        if verdict.message:
-            print(verdict.message, flush=True)
-        if not verdict.requeue:
-            return None
-        if env.under_slurm:
-            try:
-                outcome = SlurmRequeue().request(env)
-            except RequeueError as error:
-                print(f"preemptible: {error}", flush=True)
-                return None
-            print(f"preemptible: rank {env.global_rank}: {outcome.detail}", flush=True)
-        return REQUEUE_EXIT_CODE
+        """The in-process supervisor (:class:`preemptible.core.supervisor.RankCrashSupervisor`), with this task's job key."""
+        return supervisor.RankCrashSupervisor(self.run_dir, job_key=_job_key, log_hint="the submitit logs")(code)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit's own handler when a signal arrives outside ``trainer.fit``.
