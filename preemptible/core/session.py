@@ -403,7 +403,8 @@ class PreemptionSession:
         timeout = float(self.config.peer_timeout or 0.0)
         if timeout > 0:
             self._watchdog = PeerWatchdog(self.run.path / WATCHDOG_DIR, self.rank, self.world_size, token, timeout,
-                                          on_loss=self._peer_lost)
+                                          on_loss=self._peer_lost, host=self.env.host_identity,
+                                          slurm_step=self.env.slurm_step)
             self._watchdog.start()
 
     def _peer_lost(self, loss: PeerLoss) -> None:
