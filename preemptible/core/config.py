@@ -71,7 +71,8 @@ class SessionConfig:
             after the signal instead of 1-2), which shows only on steps of a few milliseconds.
         peer_timeout: under DDP, seconds without a heartbeat from a peer rank (dead without warning,
             or frozen) after which every rank leaves with exit code 145 (``CRASH_EXIT_CODE``) instead of
-            waiting out the collective timeout; each rank is gone within ``4/3 * peer_timeout``
+            waiting out the collective timeout; each rank is gone within ``4/3 * peer_timeout``, and a SLURM
+            step held by a rank frozen on another node is ended within ``11/6 * peer_timeout``
             (:mod:`preemptible.core.watchdog`). Default: ``$PREEMPTIBLE_PEER_TIMEOUT``, else 60; 0 turns it off.
 
     Example::

@@ -9,6 +9,8 @@ variable                                  field
 ``SLURM_JOB_ID``                          :attr:`JobEnvironment.slurm_job_id`
 ``SLURM_ARRAY_JOB_ID``/``_TASK_ID``       :attr:`~JobEnvironment.slurm_array_job_id`, ``..._task_id``
 ``SLURM_RESTART_COUNT``                   :attr:`~JobEnvironment.slurm_restart_count`
+``SLURM_STEP_ID``                         :attr:`~JobEnvironment.slurm_step_id` (the job step this process runs in)
+``SLURMD_NODENAME``                       :attr:`~JobEnvironment.slurm_node_name` (part of :attr:`~JobEnvironment.host_identity`)
 ``RANK``, else ``SLURM_PROCID``           :attr:`~JobEnvironment.global_rank`
 ``LOCAL_RANK``, else ``SLURM_LOCALID``    :attr:`~JobEnvironment.local_rank`
 ``SUBMITIT_FOLDER``/``SUBMITIT_EXECUTOR`` :attr:`~JobEnvironment.under_submitit`
@@ -63,6 +65,8 @@ class JobEnvironment:
     shell_requeues: bool = False
     peer_timeout: str | None = None  # as written: SessionConfig parses it, with a clear error, when it is used
     inject: str | None = None
+    slurm_step_id: str | None = None  # as SLURM wrote it; see :attr:`slurm_step`
+    slurm_node_name: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "JobEnvironment":
@@ -90,6 +94,8 @@ class JobEnvironment:
             shell_requeues=env.get("PREEMPTIBLE_SHELL_REQUEUES") == "1",
             peer_timeout=env.get("PREEMPTIBLE_PEER_TIMEOUT") or None,
             inject=env.get("PREEMPTIBLE_INJECT") or None,
+            slurm_step_id=env.get("SLURM_STEP_ID") or None,
+            slurm_node_name=env.get("SLURMD_NODENAME") or None,
         )
 
     @property
@@ -105,6 +111,28 @@ class JobEnvironment:
     @property
     def under_slurm(self) -> bool:
         return self.slurm_job_id is not None
+
+    @property
+    def host_identity(self) -> str:
+        """The machine this process runs on, as told apart by processes that compare it: ``host`` or ``host/node``.
+
+        The SLURM node name is part of it because several nodes may share one host name (containers started
+        with the same ``--hostname``, or two ``slurmd`` on one machine as in our test cluster): two processes
+        with the same identity are on one node, so one can see (and kill) the other's pid.
+        """
+        return f"{self.host}/{self.slurm_node_name}" if self.slurm_node_name else self.host
+
+    @property
+    def slurm_step(self) -> str | None:
+        """``JOBID.STEPID`` of the SLURM job step (an ``srun``) this process is a task of, for ``scancel``; else ``None``.
+
+        ``None`` in the batch shell itself and in SLURM's special steps (``batch``, ``extern``, the interactive
+        step: ids from 0xfffffff0 up), which must never be cancelled for a training step's sake.
+        """
+        step = self.slurm_step_id
+        if not self.slurm_job_id or not step or not step.isdigit() or int(step) >= 0xFFFFFFF0:
+            return None
+        return f"{self.slurm_job_id}.{step}"
 
     @property
     def requeue_job_id(self) -> str | None:

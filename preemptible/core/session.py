@@ -414,7 +414,8 @@ class PreemptionSession:
             supervisor.set_crash_supervisor(self._own_supervisor)
         if timeout > 0:
             self._watchdog = PeerWatchdog(self.run.path / WATCHDOG_DIR, self.rank, self.world_size, token, timeout,
-                                          on_loss=self._peer_lost, exit=self._exit_after_peer_loss)
+                                          on_loss=self._peer_lost, exit=self._exit_after_peer_loss,
+                                          host=self.env.host_identity, slurm_step=self.env.slurm_step)
             self._watchdog.start()
 
     def _peer_lost(self, loss: PeerLoss) -> None:

@@ -10,16 +10,31 @@ How: every rank runs a daemon thread that beats (a counter, ``interval`` apart) 
 rank 0's. A peer whose counter has not moved for ``timeout`` seconds (by the reader's own clock, so
 no clocks need to agree), or whose process is gone (checked directly when it runs on the same host),
 is lost: rank 0 writes that verdict into its own file, where every rank reads it at its next beat,
-and each rank journals :attr:`~preemptible.core.schema.Event.PEER_LOST` and ends its process with
-:data:`~preemptible.core.exit.CRASH_EXIT_CODE` ("crashed: start again from the newest checkpoint").
-A frozen peer on the same host is SIGKILLed first, so that no stopped process is left behind.
+and each rank journals :attr:`~preemptible.core.schema.Event.PEER_LOST`, says ``left`` in its file
+and ends its process with :data:`~preemptible.core.exit.CRASH_EXIT_CODE` ("crashed: start again
+from the newest checkpoint").
 
-The bound: a rank leaves at most ``timeout + 2 * interval`` after a peer stopped beating, where
-``interval = timeout / 6`` (within 0.05-5 s): at most ``4/3 * timeout``, 80 s at the default 60 s. A
-peer that exits on the same host is seen at the next beat. A peer that *failed* (raised an exception:
-a bug, deterministic) says so in its file; the others then fail too, with exit code 1, never with the
-crash code, so that no supervisor retries a bug. A rank that finished or left for a requeue says
-``done`` and is no longer watched.
+Nothing is left stopped. "The same host" is the session's host identity (host name plus SLURM node
+name: :attr:`~preemptible.core.environment.JobEnvironment.host_identity`), so that two SLURM nodes
+that share a host name are told apart. A frozen peer on the same host is SIGKILLed by the rank that
+leaves on it. A silent peer on *another* host cannot be killed from here, and it would keep the
+job step (``srun --kill-on-bad-exit=0`` waits for every task) and so the batch shell's crash decision
+waiting for ever: the rank that judged it silent waits (at most ``3 * interval``) until every other
+rank has left (or one on the peer's host killed it), then ends the whole SLURM step with ``scancel
+--signal=KILL JOBID.STEPID``. That kills the step's remaining tasks (the frozen one and this rank),
+``srun`` returns 137, the job stays RUNNING (a signal to a step is no cancellation of the job), and the
+batch shell's decision (:mod:`preemptible.scheduler.afterstep`) counts the exit as a crash and
+requeues from the newest checkpoint. Outside a SLURM step (no ``SLURM_STEP_ID``: torchrun on bare
+hosts, for one) whoever launched the ranks must end the frozen one; the log says so.
+
+The bounds: a rank leaves at most ``timeout + 2 * interval`` after a peer stopped beating, where
+``interval = timeout / 6`` (within 0.05-5 s): at most ``4/3 * timeout``, 80 s at the default 60 s
+(:func:`leave_bound`). A peer that exits on the same host is seen at the next beat. A step held by a
+silent peer on another host ends at most ``timeout + 5 * interval`` after it stopped beating, plus
+the time ``scancel`` takes (at most ``11/6 * timeout``; 85 s at the default: :func:`step_end_bound`).
+A peer that *failed* (raised an exception: a bug, deterministic) says so in its file; the others then
+fail too, with exit code 1, never with the crash code, so that no supervisor retries a bug. A rank
+that finished or left for a requeue says ``done`` and is no longer watched.
 
 Cost: nothing on the training step; one small file write and one (rank 0: ``world_size - 1``) small
 read per interval, on a thread. It watches liveness, not progress: a process whose threads all still
@@ -31,8 +46,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -60,6 +77,7 @@ class PeerState:
     ALIVE = "alive"
     DONE = "done"  #: finished or left for a requeue: no longer watched
     FAILED = "failed"  #: raised an exception (a bug): the others fail too, without the crash code
+    LEFT = "left"  #: left because a peer was lost (its ``left`` field says which, and whether it killed it)
 
 
 class LossKind:
@@ -75,6 +93,8 @@ class PeerLoss:
     rank: int
     how: str
     seconds_silent: float
+    #: taken over from rank 0's verdict, not judged by this rank (then rank 0 ends the step if need be)
+    relayed: bool = False
 
     @property
     def exit_code(self) -> int:
@@ -88,6 +108,18 @@ def interval_for(timeout: float) -> float:
 def leave_bound(timeout: float) -> float:
     """The most seconds a rank stays after a peer stopped beating (see the module's docstring)."""
     return timeout + 2 * interval_for(timeout)
+
+
+def step_end_bound(timeout: float) -> float:
+    """The most seconds a SLURM step held by a silent peer on another host lasts after its last beat, plus scancel's time."""
+    return leave_bound(timeout) + _ACK_INTERVALS * interval_for(timeout)
+
+
+#: How many intervals the rank that ends a step waits for the other ranks to leave by themselves first.
+_ACK_INTERVALS = 3
+
+#: Seconds ``scancel`` may take (the controller may be busy); the step's end is bounded by it too.
+SCANCEL_TIMEOUT = 30.0
 
 
 def is_peer_loss_error(exc: BaseException) -> bool:
@@ -115,17 +147,26 @@ class PeerWatchdog:
             let children go); the process then ends with the verdict's exit code.
         exit: how the process ends (``os._exit``: the main thread is stuck in a collective and
             cannot be interrupted); replaceable for tests of the logic.
+        host: this process's host identity (:attr:`JobEnvironment.host_identity`); peers with the same one
+            run on this node: their pids are checked and a frozen one is killed. Default: the host name.
+        slurm_step: ``JOBID.STEPID`` of the SLURM step this rank is a task of
+            (:attr:`JobEnvironment.slurm_step`): ended with ``scancel`` when a silent peer on another host
+            would hold it. ``None``: not in a step; nothing is ended.
+        scancel: the command that ends the step (a name on ``PATH`` or a path).
     """
 
     def __init__(self, directory: Path, rank: int, world_size: int, token: str, timeout: float,
-                 on_loss: Callable[[PeerLoss], None], exit: Callable[[int], Any] = os._exit) -> None:
+                 on_loss: Callable[[PeerLoss], None], exit: Callable[[int], Any] = os._exit, *,
+                 host: Optional[str] = None, slurm_step: Optional[str] = None, scancel: str = "scancel") -> None:
         self.directory, self.rank, self.world_size, self.token = directory, rank, world_size, token
         self.timeout, self.interval = timeout, interval_for(timeout)
         self._on_loss, self._exit = on_loss, exit
         self._beat, self._state = 0, PeerState.ALIVE
         self._abort: Optional[dict[str, Any]] = None
         self._me = psutil.Process()
-        self._host = socket.gethostname()
+        self._host = host or socket.gethostname()
+        self.slurm_step, self._scancel = slurm_step, scancel
+        self._left: Optional[dict[str, Any]] = None
         self._watched = [r for r in range(world_size) if r != rank] if rank == 0 else [0]
         self._last_beat: dict[int, Any] = {}
         self._last_change: dict[int, float] = {}
@@ -154,10 +195,16 @@ class PeerWatchdog:
         self.mark(PeerState.DONE)
 
     def wait_for_verdict(self, seconds: float) -> Optional[PeerLoss]:
-        """Wait (bounded) until the thread has judged a peer lost; ``None`` if none was within ``seconds``."""
+        """Wait (bounded) until the thread has judged a peer lost; ``None`` if none was within ``seconds``.
+
+        A peer that died or froze: also until the thread has acted on it (journal, the others' leaving, the
+        step's end: bounded too), which ends this process; the caller must not exit first on its own.
+        """
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and self._verdict is None and self._thread.is_alive():
             time.sleep(min(self.interval, 0.1))
+        if self._verdict is not None and self._verdict.how != LossKind.FAILED:
+            self._thread.join(_ACK_INTERVALS * self.interval + SCANCEL_TIMEOUT + 1.0)
         return self._verdict
 
     def _path(self, rank: int) -> Path:
@@ -165,7 +212,7 @@ class PeerWatchdog:
 
     def _write(self) -> None:
         body = {"token": self.token, "rank": self.rank, "beat": self._beat, "state": self._state, "pid": self._me.pid,
-                "host": self._host, "create_time": self._me.create_time(), "abort": self._abort}
+                "host": self._host, "create_time": self._me.create_time(), "abort": self._abort, "left": self._left}
         try:
             atomic_write_json(self._path(self.rank), body)
         except OSError as exc:  # a stuck or full filesystem: the peers will see this rank as silent, rightly
@@ -199,7 +246,7 @@ class PeerWatchdog:
                 continue
             if body is not None and body.get("abort"):
                 abort = body["abort"]  # rank 0's verdict on another peer
-                return PeerLoss(int(abort["rank"]), str(abort["how"]), float(abort["seconds_silent"]))
+                return PeerLoss(int(abort["rank"]), str(abort["how"]), float(abort["seconds_silent"]), relayed=True)
             if body is not None and body.get("state") == PeerState.FAILED:
                 return PeerLoss(rank, LossKind.FAILED, 0.0)
             beat = body.get("beat") if body is not None else None
@@ -230,10 +277,64 @@ class PeerWatchdog:
         except Exception as exc:  # noqa: BLE001 - the exit below must happen whatever went wrong here
             log.warning("preemptible: watchdog: %s", exc)
         killed = self._kill_frozen_peer(loss.rank) if loss.how == LossKind.SILENT else None
+        self._say_left(loss, killed=killed is not None)
+        if loss.how == LossKind.SILENT and killed is None and not loss.relayed:
+            self._end_step_held_by(loss)
         _reap_dead_children(killed)
         sys.stdout.flush()
         sys.stderr.flush()
         self._exit(loss.exit_code)
+
+    def _say_left(self, loss: PeerLoss, killed: bool, ending_step: Optional[str] = None) -> None:
+        with self._lock:
+            self._state = PeerState.LEFT
+            self._left = {"lost_rank": loss.rank, "killed": killed, "ending_step": ending_step}
+            self._write()
+
+    def _end_step_held_by(self, loss: PeerLoss) -> None:
+        """A silent peer nobody could kill (on another host) holds the SLURM step: end the whole step.
+
+        First (bounded) every other rank leaves by itself, so that each journals its ``peer_lost``;
+        if one of them killed the peer on its own host, nothing is left to end. Then ``scancel``
+        SIGKILLs every task of the step that remains, this rank's own process included.
+        """
+        body = self._read(loss.rank) or {}
+        where = f"rank {loss.rank} (pid {body.get('pid', '?')} on {body.get('host', 'an unknown host')})"
+        if self._peers_left_or_killed(loss.rank, time.monotonic() + _ACK_INTERVALS * self.interval):
+            print(f"preemptible: rank {self.rank}: {where} was killed by a rank on its host", file=sys.stderr,
+                  flush=True)
+            return
+        if self.slurm_step is None:
+            print(f"preemptible: rank {self.rank}: {where} is silent on another host and this is no SLURM job step, "
+                  "so nothing here can end it: whoever launched the ranks must", file=sys.stderr, flush=True)
+            return
+        self._say_left(loss, killed=False, ending_step=self.slurm_step)
+        print(f"preemptible: rank {self.rank}: {where} is silent on another host: ending SLURM step {self.slurm_step} "
+              f"(scancel --signal=KILL), so that the job's batch shell can requeue it as a crash", file=sys.stderr,
+              flush=True)
+        sys.stdout.flush()
+        error = cancel_slurm_step(self.slurm_step, self._scancel)  # usually kills this process too
+        if error is not None:
+            print(f"preemptible: rank {self.rank}: could not end SLURM step {self.slurm_step}: {error}; the step "
+                  f"lasts until {where} ends (scancel {self.slurm_step} ends it by hand)", file=sys.stderr, flush=True)
+
+    def _peers_left_or_killed(self, lost: int, deadline: float) -> bool:
+        """Wait until every rank but this one and ``lost`` has left or finished (or ``deadline``);
+        whether one of them killed ``lost`` (then the step needs no ending)."""
+        pending = [r for r in range(self.world_size) if r not in (self.rank, lost)]
+        while True:
+            still = []
+            for rank in pending:
+                body = self._read(rank)
+                left = body.get("left") if body is not None else None
+                if isinstance(left, dict) and left.get("lost_rank") == lost and left.get("killed"):
+                    return True
+                if body is not None and body.get("state") not in (PeerState.LEFT, PeerState.DONE, PeerState.FAILED):
+                    still.append(rank)
+            pending = still
+            if not pending or time.monotonic() >= deadline:
+                return False
+            time.sleep(min(self.interval / 4, 0.25))
 
     def _kill_frozen_peer(self, rank: int) -> Optional[int]:
         """A silent peer on this host (frozen: its process still exists) is killed, so nothing stays stopped."""
@@ -246,6 +347,25 @@ class PeerWatchdog:
         except OSError:
             return None
         return int(body["pid"])
+
+
+def cancel_slurm_step(step: str, scancel: str = "scancel", timeout: float = SCANCEL_TIMEOUT) -> Optional[str]:
+    """``scancel --signal=KILL JOBID.STEPID``: SIGKILL to every task of that step, not a cancellation of the job.
+
+    SLURM 22.05: the job stays RUNNING, ``srun`` ends with 137 and its batch shell goes on (to decide on a
+    crash requeue). Returns ``None`` when the request was accepted, else why not (no scancel on ``PATH``
+    in a container, an error from the controller, no answer within ``timeout``).
+    """
+    exe = shutil.which(scancel)
+    if exe is None:
+        return f"'{scancel}' is not on PATH"
+    try:
+        done = subprocess.run([exe, "--signal=KILL", step], capture_output=True, text=True, timeout=timeout, check=False)
+    except (subprocess.TimeoutExpired, OSError) as exc:
+        return f"scancel --signal=KILL {step}: {exc}"
+    if done.returncode != 0:
+        return f"scancel --signal=KILL {step} failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}"
+    return None
 
 
 def _same_process_alive(body: dict[str, Any]) -> bool:

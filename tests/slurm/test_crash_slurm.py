@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from helpers import assert_same_after_crash, example_command
 
 from preemptible.core.exit import CRASH_EXIT_CODE
 from preemptible.core.schema import CrashDecision, Event, RequeueOutcomeName, RunRecordKey, RunStatus, read_events
+from preemptible.core.watchdog import LossKind
 
 if TYPE_CHECKING:
     from conftest import SlurmCluster
@@ -121,8 +123,10 @@ def test_two_nodes_crash_requeued_by_itself_then_preempted_resume_bitwise(
     batch shell requeues. Attempt 1 resumes at 4 and is preempted by a 2-node ``high`` job. Attempt 2 finishes.
     Every loss and the final weights are bitwise those of an uninterrupted 2-rank run."""
     reference = reference_run(max_steps=STEPS, devices=2)
+    # Rank 1 dies on another node: rank 0 learns it from its silence (peer_timeout, 10 s here), then ends the step.
     job = NodesJob(tmp_path, slurm_cluster, slurm_jobs, "crash2n", every_n_steps=4, sync_periodic=True,
-                   signal_at=["6"], signal_rank=1, signal_name="KILL", step_sleep=0.5, slow_attempts=2)
+                   signal_at=["6"], signal_rank=1, signal_name="KILL", step_sleep=0.5, slow_attempts=2,
+                   env={"PREEMPTIBLE_PEER_TIMEOUT": "10"})
     job.wait_restarts(1)
     [crash] = [e for e in job.events() if e["event"] == Event.CRASH]
     assert crash["decision"] == CrashDecision.REQUEUE and crash["checkpoint_step"] in (4, 5, 6), crash
@@ -157,7 +161,7 @@ def test_crash_loop_stops_with_the_message_and_scontrol_hidden_from_ranks_requeu
     stop: they checkpoint, exit 144, and the batch shell requeues; the job resumes bitwise and completes.
     """
     loop = NodesJob(tmp_path / "loop", slurm_cluster, slurm_jobs, "crashloop", every_n_steps=4, sync_periodic=True,
-                    signal_at=["2", "2", "2"], signal_rank=1, signal_name="KILL")
+                    signal_at=["2", "2", "2"], signal_rank=1, signal_name="KILL", env={"PREEMPTIBLE_PEER_TIMEOUT": "10"})
     info = loop.wait_state("FAILED")
     assert info["Restarts"] == "1", info
     assert crash_decisions(loop) == [CrashDecision.REQUEUE, CrashDecision.CRASH_LOOP], loop.events()
@@ -267,9 +271,12 @@ def node_state(node: str) -> str:
 @pytest.mark.timeout(3 * JOB_TIMEOUT)
 def test_frozen_rank_leaves_within_the_bound_and_recovers(
         tmp_path: Path, slurm_cluster: SlurmCluster, slurm_jobs: list[str], reference_run) -> None:
-    """Rank 1 (node n2) SIGSTOPs itself at step 6: the peer watchdog (peer_timeout 6 s: every rank leaves within
-    4/3 of it) ends rank 0 with the crash code, the batch shell requeues, and the job resumes bitwise from the
-    newest periodic checkpoint. The wait for the requeue (120 s) is far below gloo's 30-minute collective timeout."""
+    """Rank 1 (node n2) SIGSTOPs itself at step 6. Rank 0 (n1) is on another host (the nodes share this machine's
+    host name; the watchdog tells them apart by SLURM node name), so it cannot kill it: once rank 1 is silent for
+    peer_timeout (6 s) rank 0 journals peer_lost and ends the whole step (``scancel --signal=KILL JOB.0``); srun
+    returns, the batch shell counts a crash and requeues, and the job resumes bitwise from the newest periodic
+    checkpoint. The step's end is bounded by ``step_end_bound`` (11 s here); the wait for the requeue (120 s) is far
+    below gloo's 30-minute collective timeout, which is what the frozen rank would otherwise cost."""
     reference = reference_run(max_steps=STEPS, devices=2)
     job = NodesJob(tmp_path, slurm_cluster, slurm_jobs, "frozen", every_n_steps=4, sync_periodic=True,
                    signal_at=["6"], signal_rank=1, signal_name="STOP", step_sleep=0.3, slow_attempts=1,
@@ -278,9 +285,18 @@ def test_frozen_rank_leaves_within_the_bound_and_recovers(
     [crash] = [e for e in job.events() if e["event"] == Event.CRASH]
     assert crash["decision"] == CrashDecision.REQUEUE, crash
     lost = [e for e in job.events() if e["event"] == Event.PEER_LOST and e["restart_count"] == 0]
-    assert lost and lost[0]["rank"] == 0, f"rank 0 should have left on the lost peer: {job.events()}"
-    # rank 0 left with the crash code (srun hands on the highest exit of its tasks, or the frozen rank's kill)
-    assert crash["exit_code"] in (CRASH_EXIT_CODE, 137, 9), crash
+    assert [(e["rank"], e["lost_rank"], e["how"]) for e in lost] == [(0, 1, LossKind.SILENT)], job.events()
+    # The path taken: no kill on the same host; the step ended by rank 0, which killed it (and rank 1) by SIGKILL.
+    text = job.text()
+    ended = re.search(rf"rank 0: rank 1 \(pid (\d+) on [^ ]+/n2\) is silent on another host: ending SLURM step "
+                      rf"{job.id}\.0 ", text)
+    assert ended is not None and "killed frozen rank" not in text, job.tail()
+    assert "batch shell requeued job" in text, job.tail()
+    frozen = int(ended.group(1))  # both nodes run on this machine, so the frozen process can be looked at here
+    assert not psutil.pid_exists(frozen) or psutil.Process(frozen).status() != psutil.STATUS_STOPPED, \
+        f"the frozen rank (pid {frozen}) is still stopped"
+    # srun's exit after its step was SIGKILLed (137), or rank 0's crash code if it left before the kill reached it
+    assert crash["exit_code"] in (137, CRASH_EXIT_CODE), crash
     info = job.wait_state("COMPLETED")
     assert info["ExitCode"] == "0:0" and info["Restarts"] == "1", info
     assert_same_after_crash(job.record, reference, resumed_at={1: crash["checkpoint_step"]})
