@@ -62,6 +62,9 @@ def test_submitit_crash_requeued_by_itself_resumes_bitwise_then_crash_loop_stops
         monkeypatch: pytest.MonkeyPatch) -> None:
     # One intra-op thread per rank, as in the reference (sbatch hands this environment to the job).
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    # The killed rank runs on the other node, so its loss is seen by its silence (as on a real cluster): a
+    # short peer timeout keeps the test fast.
+    monkeypatch.setenv("PREEMPTIBLE_PEER_TIMEOUT", "10")
     reference = reference_run(max_steps=STEPS, devices=2)  # first: it must not share the 2 cores with the job
 
     crash_dir = tmp_path / "crash"
