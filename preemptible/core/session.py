@@ -14,17 +14,21 @@ A plain loop drives it directly: :class:`preemptible.loop.PreemptibleLoop` wraps
 loops and Fabric; ``tests/scripts/plain_loop.py`` drives it by hand; ``tests/test_session.py`` tests the
 logic on a fake loop.
 
-Why it is longer than the ~400 lines a module aims for: it is the one place that sees every point of
-the loop (set-up, training boundaries, validation and sanity-check batches, epoch starts, the end) and
-keeps the pending stop consistent across them on every rank; what each point *does* already lives
-elsewhere (policy, checkpointing, leaving, verdict, watchdog, inject). The validation-stop points and
-the watchdog glue are the next candidates to move out.
+What lives where: the session keeps the loop's points and the pending stop across them on every rank;
+what each point *does* lives elsewhere (policy, checkpointing, leaving, verdict, inject). The guard
+against peers lost without warning (the peer watchdog, the in-rank crash supervisor, the ``on_peer_lost``
+hooks, the exit after a lost peer) is :class:`~preemptible.core.peers.PeerGuard`, owned as ``peers``.
+
+Why it is still longer than the ~400 lines a module aims for: it is the one place that sees every point
+of the loop and keeps the pending stop consistent across them. The validation-stop points stay: each is
+a few lines of agreement and pending-stop bookkeeping around the session's own emergency save, so apart
+they would call back into the session at every step. The next candidate to move out is the stop-taking
+itself (the emergency, periodic and final saves, and the requeue-limit reads around them).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 import warnings
@@ -32,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from preemptible.core import cause as stop_cause
-from preemptible.core import leaving, procgroup, supervisor, votes
+from preemptible.core import leaving, procgroup, votes
 from preemptible.core import verdict as resume_verdict
 from preemptible.core.agreement import StopAgreement, make_agreement
 from preemptible.core.checkpointing import BackgroundWriter, Snapshot, save_checkpoint
@@ -40,9 +44,10 @@ from preemptible.core.config import SessionConfig
 from preemptible.core.crashes import failure_kind
 from preemptible.core.elastic import warn_if_agent_drops_signals
 from preemptible.core.environment import JobEnvironment
-from preemptible.core.exit import CRASH_EXIT_CODE, Preempted, RequeueLimitReached
+from preemptible.core.exit import Preempted, RequeueLimitReached
 from preemptible.core.inject import FaultPlan, fire, parse_faults
 from preemptible.core.lock import RunLock, RunLockedError
+from preemptible.core.peers import PeerGuard
 from preemptible.core.policy import (
     PendingStop,
     Stopped,
@@ -66,7 +71,6 @@ from preemptible.core.schema import (
 from preemptible.core.shared import check_run_dir_shared
 from preemptible.core.signals import SignalRecorder
 from preemptible.core.store import StoredCheckpoint
-from preemptible.core.watchdog import WATCHDOG_DIR, PeerLoss, PeerState, PeerWatchdog, is_peer_loss_error, leave_bound
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +114,11 @@ class PreemptionSession:
         self._signal_logged = False
         #: why the agreed stop happened and whether the run comes back (decided once, at the stop)
         self.stop_verdict: Optional[stop_cause.StopVerdict] = None
-        self._watchdog: Optional[PeerWatchdog] = None
-        self._leave_code: Optional[int] = None  # what the in-process supervisor chose after a lost peer
-        self._own_supervisor: Optional[supervisor.RankCrashSupervisor] = None  # registered by this session
         self._faults: Optional[FaultPlan] = None  # testing faults (PREEMPTIBLE_INJECT); None: one cheap check per step
         #: Called (on the watchdog's thread) right before a rank leaves because a peer was lost; an adapter
         #: adds what must happen first (the Lightning one stops its launcher from killing this process).
         self.on_peer_lost: list[Callable[[], None]] = []
+        self.peers = PeerGuard(self.env, self.on_peer_lost, last_step=lambda: self._last_step)  # core/peers.py
         self._owed: Optional[Snapshot] = None  # the state from the start of the validation under way
         self.active = False
         self.signals.install()
@@ -164,7 +166,7 @@ class PreemptionSession:
         if world_size > 1:
             procgroup.release_at_exit()  # else the gloo group may abort the finished process at exit (exit 134)
             token = check_run_dir_shared(self.run.path, self.agreement, rank)  # before any training
-            self._start_watchdog(token)
+            self.peers.start(self.run, rank, world_size, token, timeout=float(self.config.peer_timeout or 0.0))
         self._faults = FaultPlan(parse_faults(self.env.inject), rank, self.env.restart_count) or None
         self.signals.install()
 
@@ -368,7 +370,7 @@ class PreemptionSession:
             self._lock.release()
         if not isinstance(exception, LEAVING):
             procgroup.keep_at_exit()  # a collective may still wait for a peer that is gone
-        self._watchdog_after(exception)
+        self.peers.after(exception, left_on_purpose=isinstance(exception, LEAVING))
         if isinstance(exception, LEAVING):
             self.signals.ignore_from_now_on()
             return dict.fromkeys(self.signals.signals, signal.SIG_IGN)
@@ -384,11 +386,7 @@ class PreemptionSession:
         report a background write that failed (last, so that a warning turned into an error skips nothing)."""
         self.active = False
         self.background.wait()
-        if self._watchdog is not None:
-            self._watchdog.stop()
-        if self._own_supervisor is not None:
-            supervisor.set_crash_supervisor(None)
-            self._own_supervisor = None
+        self.peers.stop()  # the watchdog, and the in-rank crash supervisor it registered
         self.agreement.close()
         self.signals.restore()
         if self._lock is not None:
@@ -404,56 +402,7 @@ class PreemptionSession:
         """
         return procgroup.release_process_groups()
 
-    # -- crashes without warning (core/watchdog.py) and faults on purpose (core/inject.py) ------------------
-    def _start_watchdog(self, token: str) -> None:
-        timeout = float(self.config.peer_timeout or 0.0)
-        if self.env.under_submitit and self.env.under_slurm and not supervisor.has_crash_supervisor():
-            # submitit's own sbatch script (hydra-submitit-launcher, a plain executor.submit) runs nothing after
-            # srun that could requeue a crashed attempt: the ranks decide (the submitit task registers its own).
-            self._own_supervisor = supervisor.RankCrashSupervisor(self.run.path, log_hint="the submitit logs")
-            supervisor.set_crash_supervisor(self._own_supervisor)
-        if timeout > 0:
-            self._watchdog = PeerWatchdog(self.run.path / WATCHDOG_DIR, self.rank, self.world_size, token, timeout,
-                                          on_loss=self._peer_lost, exit=self._exit_after_peer_loss,
-                                          host=self.env.host_identity, slurm_step=self.env.slurm_step)
-            self._watchdog.start()
-
-    def _peer_lost(self, loss: PeerLoss) -> None:
-        """On the watchdog's thread, right before this process ends with ``loss.exit_code``.
-
-        On a crash (not a peer's own error), an in-process supervisor (:mod:`preemptible.core.supervisor`:
-        the submitit task) decides first whether the job is requeued, and may choose the exit code.
-        """
-        self.run.journal.append(Event.PEER_LOST, lost_rank=loss.rank, how=loss.how, code=loss.exit_code,
-                                seconds_silent=round(loss.seconds_silent, 2), step=self._last_step)
-        for hook in self.on_peer_lost:
-            hook()
-        if loss.exit_code == CRASH_EXIT_CODE:
-            self._leave_code = supervisor.crash_exit_code(loss.exit_code)
-        code = self._leave_code if self._leave_code is not None else loss.exit_code
-        print(f"preemptible: rank {self.rank}: rank {loss.rank} {loss.how} (no heartbeat for {loss.seconds_silent:.1f} s); "
-              f"leaving with exit code {code}" + (" (crash: start again from the newest checkpoint)"
-                                                  if loss.exit_code != 1 else ""), flush=True)
-
-    def _exit_after_peer_loss(self, code: int) -> None:
-        """How the watchdog ends this process: with the supervisor's code when it chose one."""
-        os._exit(self._leave_code if self._leave_code is not None else code)
-
-    def _watchdog_after(self, exception: BaseException) -> None:
-        watchdog = self._watchdog
-        if watchdog is None:
-            return
-        if isinstance(exception, LEAVING):
-            watchdog.stop()
-        elif is_peer_loss_error(exception):
-            # A collective failed because a peer went away: the watchdog says how (and then ends this
-            # process with the crash code), unless the peer failed by an error of its own (then: this one).
-            loss = watchdog.wait_for_verdict(leave_bound(watchdog.timeout) + watchdog.interval)
-            if loss is None:
-                watchdog.mark(PeerState.FAILED)
-        else:
-            watchdog.mark(PeerState.FAILED)  # a bug here: the others fail too, and nobody asks for a retry
-
+    # -- faults on purpose (core/inject.py); crashes without warning: core/peers.py ------------------------
     def _inject(self, step: int) -> None:
         assert self._faults is not None
         fault = self._faults.due(step)

@@ -11,7 +11,7 @@ is the meeting point, free of submitit and Lightning:
   own sbatch script started (``SUBMITIT_EXECUTOR=slurm``: hydra-submitit-launcher, a plain
   ``executor.submit(train)``), since no batch shell decides after ``srun`` there either;
 * a rank about to leave because a peer died or froze calls :func:`crash_exit_code`: the session on
-  its peer watchdog's thread (:meth:`~preemptible.core.session.PreemptionSession._peer_lost`, right
+  its peer watchdog's thread (:meth:`~preemptible.core.peers.PeerGuard._peer_lost`, right
   before the process ends; its main thread may be stuck in a collective for good), or the
   supervisor itself when the main thread sees the collective error (no watchdog). The hook runs once
   per process and answers the exit code to leave with (``None``: keep the crash code).
