@@ -138,6 +138,8 @@ def query_slurm(job_id: str, timeout: float = QUERY_TIMEOUT, squeue: str = "sque
                               timeout=timeout)
     except subprocess.TimeoutExpired:
         raise RuntimeError(f"squeue did not answer within {timeout:.0f} s") from None
+    except OSError as exc:  # not executable, gone between which() and exec, out of processes
+        raise RuntimeError(f"squeue could not be run: {exc}") from None
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     if done.returncode != 0 or not lines:
         raise RuntimeError(f"squeue failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()[:300]}")

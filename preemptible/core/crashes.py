@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from preemptible.core.cause import already_requeued, job_being_cancelled, job_state
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.exit import REQUEUE_EXIT_CODE
 from preemptible.core.rundir import RunDirectory, read_progress
@@ -176,3 +177,22 @@ def _journal(run: RunDirectory, exit_code: int, step: Optional[int], checkpoint_
     run.journal.rank = SUPERVISOR_RANK
     run.journal.append(Event.CRASH, exit_code=exit_code, step=step, checkpoint_step=checkpoint_step, decision=decision,
                        detail=detail)
+
+
+def decide_after_attempt(run_dir: str | Path, exit_code: int, *, env: Optional[JobEnvironment] = None,
+                         log_hint: str = "the job's output", squeue_timeout: float = 20.0) -> Verdict:
+    """:func:`decide` with the job's state asked from SLURM first: the one flow of every supervisor of an attempt.
+
+    Used by the batch shell after ``srun`` (:mod:`preemptible.scheduler.afterstep`) and by the in-rank
+    supervisor under submitit (:class:`preemptible.core.supervisor.RankCrashSupervisor`). A job being
+    cancelled is never requeued; one that SLURM has requeued already (a lost node: NODE_FAIL) is not
+    requeued a second time (the verdict says so in its message).
+    """
+    env = env or JobEnvironment.from_env()
+    state = job_state(env.slurm_job_id, timeout=squeue_timeout) if env.under_slurm and env.slurm_job_id else None
+    verdict = decide(run_dir, exit_code, env=env, cancelled=job_being_cancelled(state, env.slurm_restart_count),
+                     log_hint=log_hint)
+    if verdict.requeue and already_requeued(state, env.slurm_restart_count):
+        message = "\n".join(filter(None, [verdict.message, "preemptible: SLURM has requeued the job already"]))
+        return Verdict(verdict.decision, False, message)
+    return verdict

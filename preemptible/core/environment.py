@@ -13,7 +13,7 @@ variable                                  field
 ``SLURMD_NODENAME``                       :attr:`~JobEnvironment.slurm_node_name` (part of :attr:`~JobEnvironment.host_identity`)
 ``RANK``, else ``SLURM_PROCID``           :attr:`~JobEnvironment.global_rank`
 ``LOCAL_RANK``, else ``SLURM_LOCALID``    :attr:`~JobEnvironment.local_rank`
-``SUBMITIT_FOLDER``/``SUBMITIT_EXECUTOR`` :attr:`~JobEnvironment.under_submitit`
+``SUBMITIT_FOLDER``/``SUBMITIT_EXECUTOR`` :attr:`~JobEnvironment.under_submitit`, :attr:`~JobEnvironment.in_submitit_sbatch`
 ``PREEMPTIBLE_ATTEMPT``                   :attr:`~JobEnvironment.local_attempt` (set by ``preemptible run``)
 ``PREEMPTIBLE_RUN_DIR``                   :attr:`~JobEnvironment.run_dir`
 ``PREEMPTIBLE_MAX_REQUEUES``              :attr:`~JobEnvironment.max_requeues`
@@ -67,6 +67,7 @@ class JobEnvironment:
     inject: str | None = None
     slurm_step_id: str | None = None  # as SLURM wrote it; see :attr:`slurm_step`
     slurm_node_name: str | None = None
+    submitit_executor: str | None = None  # SUBMITIT_EXECUTOR: "slurm" in submitit's own sbatch script, "local"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "JobEnvironment":
@@ -80,6 +81,7 @@ class JobEnvironment:
             global_rank=_int(rank, 0),
             local_attempt=_int(env.get("PREEMPTIBLE_ATTEMPT"), 0),
             under_submitit=bool(env.get("SUBMITIT_FOLDER") or env.get("SUBMITIT_EXECUTOR")),
+            submitit_executor=env.get("SUBMITIT_EXECUTOR") or None,
             host=socket.gethostname(),
             local_rank=_int(env.get("LOCAL_RANK") or env.get("SLURM_LOCALID"), 0),
             run_dir=env.get("PREEMPTIBLE_RUN_DIR") or None,
@@ -111,6 +113,16 @@ class JobEnvironment:
     @property
     def under_slurm(self) -> bool:
         return self.slurm_job_id is not None
+
+    @property
+    def in_submitit_sbatch(self) -> bool:
+        """A task of a SLURM job that submitit's own sbatch script started (nothing runs after its ``srun``).
+
+        Not a job of our templates (their batch shell decides after the step: ``shell_requeues``), even one
+        submitted from inside a submitit job (it inherits ``SUBMITIT_*``), nor a ``LocalExecutor`` task
+        that happens to run inside a SLURM allocation.
+        """
+        return self.under_slurm and self.submitit_executor == "slurm" and not self.shell_requeues
 
     @property
     def host_identity(self) -> str:

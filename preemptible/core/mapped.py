@@ -14,8 +14,10 @@ optimizer's state would still be backed by the file. The mapping is private (cop
 is never changed), yet pages never written are read from the file later, and a checkpoint may be
 deleted (``keep`` rotation, by rank 0 on another node) while they are: on a filesystem without
 cross-client delete-on-last-close (NFS) that read fails. So :func:`copy_out_of` gives such tensors
-their own memory once the restore is done; after it nothing of preemptible's or of the optimizers
-refers to the file. Tensors a user's own hook keeps from the checkpoint dict stay mapped (the same
+their own memory once the restore is done, and the Lightning adapter copies out, before the restore,
+everything but the weights and the optimizer states (Lightning's ``ModelCheckpoint`` and ``EarlyStopping``
+keep their score tensors as given); after it nothing of preemptible's, Lightning's or the optimizers'
+refers to the file. Tensors a user's own ``on_load_checkpoint`` keeps from the dict stay mapped (the same
 as any ``torch.load(mmap=True)``).
 """
 

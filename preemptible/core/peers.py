@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 from preemptible.core import supervisor
 from preemptible.core.environment import JobEnvironment
-from preemptible.core.exit import CRASH_EXIT_CODE
+from preemptible.core.exit import CRASH_EXIT_CODE, REQUEUE_EXIT_CODE
 from preemptible.core.rundir import RunDirectory
 from preemptible.core.schema import Event
 from preemptible.core.watchdog import WATCHDOG_DIR, PeerLoss, PeerState, PeerWatchdog, is_peer_loss_error, leave_bound
@@ -55,7 +55,7 @@ class PeerGuard:
         ``timeout``: seconds without a peer's heartbeat before it counts as lost; 0: no watchdog.
         """
         self._run, self._rank = run, rank
-        if self.env.under_submitit and self.env.under_slurm and not supervisor.has_crash_supervisor():
+        if self.env.in_submitit_sbatch and not supervisor.has_crash_supervisor():
             # submitit's own sbatch script (hydra-submitit-launcher, a plain executor.submit) runs nothing after
             # srun that could requeue a crashed attempt: the ranks decide (the submitit task registers its own).
             self._own_supervisor = supervisor.RankCrashSupervisor(run.path, log_hint="the submitit logs")
@@ -63,7 +63,8 @@ class PeerGuard:
         if timeout > 0:
             self._watchdog = PeerWatchdog(run.path / WATCHDOG_DIR, rank, world_size, token, timeout,
                                           on_loss=self._peer_lost, exit=self._exit_after_peer_loss,
-                                          host=self.env.host_identity, slurm_step=self.env.slurm_step)
+                                          host=self.env.host_identity, slurm_step=self.env.slurm_step,
+                                          may_end_step=self._may_end_step)
             self._watchdog.start()
 
     def after(self, exception: BaseException, left_on_purpose: bool) -> None:
@@ -79,6 +80,10 @@ class PeerGuard:
             loss = watchdog.wait_for_verdict(leave_bound(watchdog.timeout) + watchdog.interval)
             if loss is None:
                 watchdog.mark(PeerState.FAILED)
+            elif self._consults_supervisor(loss):
+                # The watchdog's thread asks the supervisor (scontrol requeue can take seconds); this thread must
+                # not end the process first: it waits for the same answer (asked once per process).
+                supervisor.crash_exit_code(loss.exit_code)
         else:
             watchdog.mark(PeerState.FAILED)  # a bug here: the others fail too, and nobody asks for a retry
 
@@ -97,16 +102,31 @@ class PeerGuard:
         the submitit task) decides first whether the job is requeued, and may choose the exit code.
         """
         assert self._run is not None
-        self._run.journal.append(Event.PEER_LOST, lost_rank=loss.rank, how=loss.how, code=loss.exit_code,
-                                 seconds_silent=round(loss.seconds_silent, 2), step=self._last_step())
         for hook in self.on_peer_lost:
             hook()
-        if loss.exit_code == CRASH_EXIT_CODE:
+        if self._consults_supervisor(loss):
             self._leave_code = supervisor.crash_exit_code(loss.exit_code)
         code = self._leave_code if self._leave_code is not None else loss.exit_code
+        # Journaled with the code this rank really leaves with (the supervisor may have chosen the requeue code).
+        self._run.journal.append(Event.PEER_LOST, lost_rank=loss.rank, how=loss.how, code=code,
+                                 seconds_silent=round(loss.seconds_silent, 2), step=self._last_step())
         print(f"preemptible: rank {self._rank}: rank {loss.rank} {loss.how} (no heartbeat for {loss.seconds_silent:.1f} s); "
               f"leaving with exit code {code}" + (" (crash: start again from the newest checkpoint)"
                                                   if loss.exit_code != 1 else ""), flush=True)
+
+    @staticmethod
+    def _consults_supervisor(loss: PeerLoss) -> bool:
+        """A crash this rank judged itself: a rank that only follows rank 0's verdict (``relayed``) leaves the
+        decision to the ranks that judged, so that the one deciding is never a follower racing its judge."""
+        return loss.exit_code == CRASH_EXIT_CODE and not loss.relayed
+
+    def _may_end_step(self) -> bool:
+        """Whether the watchdog may end the SLURM step a silent peer holds. Under an in-rank supervisor only the
+        rank that decided may, and only when it did not requeue: ``scontrol requeue`` ends the job's steps itself,
+        and ending the step under the rank that is still deciding could kill it before its requeue."""
+        if not supervisor.has_crash_supervisor():
+            return True  # the batch shell decides after the step: the step must end
+        return supervisor.decided_here() and self._leave_code != REQUEUE_EXIT_CODE
 
     def _exit_after_peer_loss(self, code: int) -> None:
         """How the watchdog ends this process: with the supervisor's code when it chose one."""

@@ -35,8 +35,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-from preemptible.core.cause import job_being_cancelled, job_state
-from preemptible.core.crashes import decide
+from preemptible.core.cause import QUERY_TIMEOUT
+from preemptible.core.crashes import decide_after_attempt
 from preemptible.core.environment import JobEnvironment
 from preemptible.core.exit import REQUEUE_EXIT_CODE
 from preemptible.core.requeue import RequeueError, SlurmRequeue
@@ -52,6 +52,7 @@ SUPERVISOR_DIR = "supervisor"
 _lock = threading.Lock()
 _hook: Optional[CrashSupervisor] = None
 _answer: Optional[int] = None  # the code this process leaves with, once the hook has answered
+_decided_here = False  # this process claimed the attempt and decided what follows it
 
 
 def set_crash_supervisor(hook: Optional[CrashSupervisor]) -> Optional[CrashSupervisor]:
@@ -60,9 +61,9 @@ def set_crash_supervisor(hook: Optional[CrashSupervisor]) -> Optional[CrashSuper
     Registering also forgets an earlier answer, so that a process that runs several tasks one after
     the other asks each task's hook.
     """
-    global _hook, _answer
+    global _hook, _answer, _decided_here
     with _lock:
-        previous, _hook, _answer = _hook, hook, None
+        previous, _hook, _answer, _decided_here = _hook, hook, None, False
     return previous
 
 
@@ -70,6 +71,12 @@ def has_crash_supervisor() -> bool:
     """Whether a hook is registered in this process."""
     with _lock:
         return _hook is not None
+
+
+def decided_here() -> bool:
+    """Whether this process is the one that claimed the attempt and decided what follows the crash."""
+    with _lock:
+        return _decided_here
 
 
 def crash_exit_code(code: int) -> int:
@@ -143,13 +150,14 @@ class RankCrashSupervisor:
         self.log_hint = log_hint
 
     def __call__(self, code: int) -> Optional[int]:
+        global _decided_here
         env = JobEnvironment.from_env()
         if not claim_attempt(self.run_dir, self.job_key(env), env.restart_count, env.global_rank, "crash"):
             print(f"preemptible: rank {env.global_rank}: another rank decides what follows this crash", flush=True)
             return None
-        state = job_state(env.slurm_job_id) if env.under_slurm and env.slurm_job_id else None
-        verdict = decide(self.run_dir, code, env=env, cancelled=job_being_cancelled(state, env.slurm_restart_count),
-                         log_hint=self.log_hint)
+        _decided_here = True  # (called under the module's lock, by crash_exit_code)
+        verdict = decide_after_attempt(self.run_dir, code, env=env, log_hint=self.log_hint,
+                                       squeue_timeout=QUERY_TIMEOUT)
         if verdict.message:
             print(verdict.message, flush=True)
         if not verdict.requeue:

@@ -22,7 +22,7 @@ job step (``srun --kill-on-bad-exit=0`` waits for every task) and so the batch s
 waiting for ever: the rank that judged it silent waits (at most ``3 * interval``) until every other
 rank has left (or one on the peer's host killed it), then ends the whole SLURM step with ``scancel
 --signal=KILL JOBID.STEPID``. That kills the step's remaining tasks (the frozen one and this rank),
-``srun`` returns 137, the job stays RUNNING (a signal to a step is no cancellation of the job), and the
+``srun`` returns 137 (or the ranks' own 145), the job stays RUNNING (a signal to a step is no cancellation of the job), and the
 batch shell's decision (:mod:`preemptible.scheduler.afterstep`) counts the exit as a crash and
 requeues from the newest checkpoint. Outside a SLURM step (no ``SLURM_STEP_ID``: torchrun on bare
 hosts, for one) whoever launched the ranks must end the frozen one; the log says so.
@@ -153,11 +153,14 @@ class PeerWatchdog:
             (:attr:`JobEnvironment.slurm_step`): ended with ``scancel`` when a silent peer on another host
             would hold it. ``None``: not in a step; nothing is ended.
         scancel: the command that ends the step (a name on ``PATH`` or a path).
+        may_end_step: asked after ``on_loss``, before the step is ended: ``False`` when something else ends
+            it or decides to (an in-rank supervisor that requeued the job, or whose decision is another rank's).
     """
 
     def __init__(self, directory: Path, rank: int, world_size: int, token: str, timeout: float,
                  on_loss: Callable[[PeerLoss], None], exit: Callable[[int], Any] = os._exit, *,
-                 host: Optional[str] = None, slurm_step: Optional[str] = None, scancel: str = "scancel") -> None:
+                 host: Optional[str] = None, slurm_step: Optional[str] = None, scancel: str = "scancel",
+                 may_end_step: Callable[[], bool] = lambda: True) -> None:
         self.directory, self.rank, self.world_size, self.token = directory, rank, world_size, token
         self.timeout, self.interval = timeout, interval_for(timeout)
         self._on_loss, self._exit = on_loss, exit
@@ -165,7 +168,7 @@ class PeerWatchdog:
         self._abort: Optional[dict[str, Any]] = None
         self._me = psutil.Process()
         self._host = host or socket.gethostname()
-        self.slurm_step, self._scancel = slurm_step, scancel
+        self.slurm_step, self._scancel, self._may_end_step = slurm_step, scancel, may_end_step
         self._left: Optional[dict[str, Any]] = None
         self._watched = [r for r in range(world_size) if r != rank] if rank == 0 else [0]
         self._last_beat: dict[int, Any] = {}
@@ -278,7 +281,7 @@ class PeerWatchdog:
             log.warning("preemptible: watchdog: %s", exc)
         killed = self._kill_frozen_peer(loss.rank) if loss.how == LossKind.SILENT else None
         self._say_left(loss, killed=killed is not None)
-        if loss.how == LossKind.SILENT and killed is None and not loss.relayed:
+        if loss.how == LossKind.SILENT and killed is None and not loss.relayed and self._may_end_step():
             self._end_step_held_by(loss)
         _reap_dead_children(killed)
         sys.stdout.flush()

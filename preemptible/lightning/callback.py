@@ -218,7 +218,14 @@ class PreemptionCallback:
                 checkpoint = read(ckpt) if read is not None else None
             except Exception as exc:  # noqa: BLE001 - reported with the file name, before Lightning touches anything
                 raise CheckpointMismatch(f"cannot read checkpoint {ckpt}: {exc}") from exc
-            self._mapped_span = span_of(checkpoint)
+            self._mapped_span = span = span_of(checkpoint)
+            if checkpoint is not None and span is not None:
+                # Only the weights and the optimizer states are copied by their loads (the optimizers' copy is made
+                # when training starts); what else Lightning hands to its restore (callbacks' states: the
+                # ModelCheckpoint's and EarlyStopping's score tensors, the loops, our own) is small and is kept
+                # by those objects as given, so it gets its own memory now: nothing keeps the file mapped.
+                for key in [k for k in checkpoint if k not in ("state_dict", "optimizer_states")]:
+                    checkpoint[key] = copy_out_of(checkpoint[key], span)
             check_checkpoint_fits(ckpt, pl_module, trainer.world_size, self.config.allow_world_size_change,
                                   checkpoint=checkpoint)
             self.session.resumed_from = Path(ckpt)

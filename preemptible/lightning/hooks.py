@@ -220,7 +220,10 @@ def _load_mapped_for(trainer: "pl.Trainer", path: str, weights_only: Optional[bo
              and type(strategy.checkpoint_io) is torch_io)
     if not plain or "://" in path or not os.path.isfile(path) or not zipfile.is_zipfile(path):
         return None
-    checkpoint = load_mapped(path, weights_only=weights_only, map_location=lambda storage, loc: storage)
+    try:
+        checkpoint = load_mapped(path, weights_only=weights_only, map_location=lambda storage, loc: storage)
+    except Exception:  # noqa: BLE001 - e.g. a pickle of an older Lightning that only its legacy patch reads
+        return None  # Lightning then reads the file itself, as it always does (with its own errors)
     return checkpoint if isinstance(checkpoint, dict) else None
 
 
@@ -230,18 +233,24 @@ def _strategy_returns(trainer: "pl.Trainer", path: str, checkpoint: dict[str, An
     (once), any other path is read as usual. checked: 2.6 — called once, by ``resume_start``."""
     strategy = trainer.strategy
     own = type(strategy).load_checkpoint
+    before = strategy.__dict__.get("load_checkpoint")  # an instance override someone set: put back afterwards
     given = [checkpoint]
 
     def load_checkpoint(checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
         if given and str(checkpoint_path) == path:
             return given.pop()
+        if before is not None:
+            return before(checkpoint_path, weights_only=weights_only)
         return own(strategy, checkpoint_path, weights_only=weights_only)
 
     strategy.load_checkpoint = load_checkpoint  # type: ignore[method-assign]  # instance attribute shadows the method
     try:
         yield
     finally:
-        del strategy.load_checkpoint
+        if before is not None:
+            strategy.load_checkpoint = before  # type: ignore[method-assign]
+        else:
+            del strategy.load_checkpoint
 
 
 def restore_checkpoint_choice(trainer: "pl.Trainer") -> None:

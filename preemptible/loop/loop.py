@@ -20,7 +20,7 @@ import torch
 from preemptible.core.checkpointing import rank_state_in
 from preemptible.core.config import SessionConfig
 from preemptible.core.environment import JobEnvironment
-from preemptible.core.mapped import copy_optimizers_out_of, copy_out_of, load_mapped, span_of
+from preemptible.core.mapped import copy_out_of, load_mapped, span_of
 from preemptible.core.rng import capture_rng, restore_rng
 from preemptible.core.schema import STATE_FORMAT, STATE_KEY
 from preemptible.core.session import PreemptionSession
@@ -134,11 +134,13 @@ class PreemptibleLoop:
                            f"(it holds {sorted(k for k in checkpoint if k != STATE_KEY)}); register the same names "
                            "as the run that wrote it")
         for name, obj in list(self.state.items()):
+            entry = checkpoint.pop(name)
             if _stateful(obj):
-                obj.load_state_dict(checkpoint.pop(name))
-                copy_optimizers_out_of([obj], span)
+                # A module's load copies into its own tensors; anything else (an optimizer, a scheduler, a user's
+                # Stateful) may keep what it is given, so it is given tensors of their own.
+                obj.load_state_dict(entry if isinstance(obj, torch.nn.Module) else copy_out_of(entry, span))
             else:
-                self.state[name] = copy_out_of(checkpoint.pop(name), span)
+                self.state[name] = copy_out_of(entry, span)
         return copy_out_of(checkpoint, span)
 
     def snapshot(self) -> LoopSnapshot:

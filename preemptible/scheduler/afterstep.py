@@ -25,8 +25,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from preemptible.core.cause import already_requeued, job_being_cancelled, job_state
-from preemptible.core.crashes import decide
+from preemptible.core.crashes import decide_after_attempt
 from preemptible.core.environment import JobEnvironment
 
 
@@ -38,16 +37,11 @@ def after_step(exit_code: int, env: Optional[JobEnvironment] = None) -> bool:
     if env.run_dir is None:
         print("preemptible: PREEMPTIBLE_RUN_DIR is not set; no decision after the step", file=sys.stderr)
         return False
-    # No grace period runs here (the step is over): wait for a slow controller longer than a stop does.
-    state = job_state(env.slurm_job_id, timeout=20.0) if env.slurm_job_id else None
-    cancelled = job_being_cancelled(state, env.slurm_restart_count)
-    verdict = decide(env.run_dir, exit_code, env=env, cancelled=cancelled,
-                     log_hint=f"slurm-{env.slurm_job_id}.out" if env.slurm_job_id else "the job's output")
+    # No grace period runs here (the step is over): squeue may take as long as a slow controller needs.
+    verdict = decide_after_attempt(env.run_dir, exit_code, env=env, squeue_timeout=20.0,
+                                   log_hint=f"slurm-{env.slurm_job_id}.out" if env.slurm_job_id else "the job's output")
     if verdict.message:
         print(verdict.message, file=sys.stderr, flush=True)
-    if verdict.requeue and already_requeued(state, env.slurm_restart_count):
-        print("preemptible: SLURM has requeued the job already", file=sys.stderr, flush=True)
-        return False
     return verdict.requeue
 
 
