@@ -102,14 +102,15 @@ class PeerGuard:
         the submitit task) decides first whether the job is requeued, and may choose the exit code.
         """
         assert self._run is not None
+        # Journaled first: the supervisor's decision reads this attempt's journal (its last step among others).
+        # ``code`` is the loss's (the crash code); the line printed below says what the rank leaves with.
+        self._run.journal.append(Event.PEER_LOST, lost_rank=loss.rank, how=loss.how, code=loss.exit_code,
+                                 seconds_silent=round(loss.seconds_silent, 2), step=self._last_step())
         for hook in self.on_peer_lost:
             hook()
         if self._consults_supervisor(loss):
             self._leave_code = supervisor.crash_exit_code(loss.exit_code)
         code = self._leave_code if self._leave_code is not None else loss.exit_code
-        # Journaled with the code this rank really leaves with (the supervisor may have chosen the requeue code).
-        self._run.journal.append(Event.PEER_LOST, lost_rank=loss.rank, how=loss.how, code=code,
-                                 seconds_silent=round(loss.seconds_silent, 2), step=self._last_step())
         print(f"preemptible: rank {self._rank}: rank {loss.rank} {loss.how} (no heartbeat for {loss.seconds_silent:.1f} s); "
               f"leaving with exit code {code}" + (" (crash: start again from the newest checkpoint)"
                                                   if loss.exit_code != 1 else ""), flush=True)
