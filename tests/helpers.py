@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -247,3 +248,20 @@ def readme_blocks(heading: str) -> list[tuple[str, str]]:
             inside = found = line.lstrip("#").strip() == heading
     assert found, f"README.md has no section {heading!r}"
     return blocks
+
+
+def finish_ranks(procs: list[subprocess.Popen[str]], timeout: float) -> tuple[list[int], list[str]]:
+    """Every rank's exit code and output; a rank still running after ``timeout`` is killed (all are) and fails the test."""
+    import pytest
+
+    codes, outputs = [], []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"a rank was still running after {timeout:.0f} s")
+        codes.append(proc.returncode)
+        outputs.append(out)
+    return codes, outputs

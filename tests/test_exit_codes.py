@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import finish_ranks
 
 from preemptible import REQUEUE_EXIT_CODE
 from preemptible.core.exit import CRASH_EXIT_CODE
@@ -47,18 +48,7 @@ def launch_ranks(run_dir: Path, mode: str, steps: int = 6, sleep: float = 0.0, w
 
 
 def finish(procs: list[subprocess.Popen[str]], timeout: float = TIMEOUT) -> tuple[list[int], list[str]]:
-    """Every rank's exit code and output; a rank still running after ``timeout`` is killed and fails the test."""
-    codes, outputs = [], []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(f"a rank was still running after {timeout:.0f} s")
-        codes.append(proc.returncode)
-        outputs.append(out)
-    return codes, outputs
+    return finish_ranks(procs, timeout)
 
 
 @pytest.mark.ddp

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from helpers import finish_ranks
 
 SCRIPT = Path(__file__).parent / "scripts" / "resume_reads.py"
 TIMEOUT = 180.0
@@ -35,16 +35,9 @@ def _run(run_dir: Path, mode: str, reports: Path) -> list[int]:
                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}
         procs.append(subprocess.Popen([sys.executable, str(SCRIPT), str(run_dir), mode, str(reports)], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    codes = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=TIMEOUT)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(f"a rank of the {mode} run was still running after {TIMEOUT:.0f} s")
-        codes.append(proc.returncode)
-        if proc.returncode not in (0, 144):
+    codes, outputs = finish_ranks(procs, TIMEOUT)
+    for code, out in zip(codes, outputs):
+        if code not in (0, 144):
             print(out[-4000:])
     return codes
 
