@@ -67,6 +67,11 @@ class PeerGuard:
                                           may_end_step=self._may_end_step)
             self._watchdog.start()
 
+    @property
+    def watching(self) -> bool:
+        """Whether the peer watchdog runs (a multi-rank run with ``peer_timeout > 0``)."""
+        return self._watchdog is not None
+
     def after(self, exception: BaseException, left_on_purpose: bool) -> None:
         """Training ended with ``exception``; ``left_on_purpose``: it is one of the session's own exits."""
         watchdog = self._watchdog

@@ -196,6 +196,11 @@ class PreemptionCallback:
             # collective per batch either way); otherwise they go in a reduction of their own.
             session.agreement.deferred = hooks.replace_lightning_sigterm_broadcast(trainer, session.agreement.reduce_pending)
         session.on_peer_lost.append(hooks.stop_child_observer)  # the watchdog's exit code, not Lightning's SIGKILL
+        if session.peers.watching:
+            # A child rank that dies is the watchdog's to judge (within its bound, leaving with the crash code):
+            # Lightning's observer, polling every 5 s, would otherwise SIGKILL this parent first when the watchdog's
+            # thread is slow to run (a loaded machine), and a SIGKILLed rank 0 looks like an OOM kill of rank 0.
+            hooks.stop_child_observer()
         self._snapshot = LightningSnapshot(trainer, lambda: self._rank_state(trainer))
         self._validation_due = lambda: hooks.validation_due(trainer)  # made once, not per batch
         # Lightning picks the checkpoint it loads before this hook and tells no callback: the run begins at
