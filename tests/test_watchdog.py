@@ -114,7 +114,7 @@ def test_a_silent_peer_on_another_host_ends_the_slurm_step_after_the_others_left
     SIGSTOPped (frozen).
 
     * ``other``: rank 2 on ``node-c``. Nobody can kill rank 1: rank 0 waits until rank 2 has left (journaled and
-      said ``left``), then ends the step, ``scancel --signal=KILL 77.0``; rank 2 does not (it only followed rank 0).
+      said ``left``), then ends the step, ``scancel --ctld --signal=KILL 77.0``; rank 2 does not (it only followed rank 0).
     * ``shared``: rank 2 on ``node-b`` with rank 1: rank 2 kills it (it is on its host), so rank 0 ends nothing.
     * ``nostep``: as ``other``, but rank 0 is in no SLURM step: it ends nothing and says who must.
     Each survivor leaves with the crash code, within the bound.
@@ -151,7 +151,7 @@ def test_a_silent_peer_on_another_host_ends_the_slurm_step_after_the_others_left
             left0 = json.loads((world["base"] / "watchdog" / "rank-0.json").read_text())["left"]
             if name == "other":
                 called, rank2_then = world["record"].read_text().split("\n", 1)
-                assert called == "--signal=KILL 77.0", called
+                assert called == "--ctld --signal=KILL 77.0", called
                 assert json.loads(rank2_then)["state"] == PeerState.LEFT, "the step was ended before rank 2 had left"
                 assert left0 == {"lost_rank": 1, "killed": False, "ending_step": "77.0"}, left0
                 assert "is silent on another host: ending SLURM step 77.0" in out0, shown

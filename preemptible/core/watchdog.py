@@ -21,7 +21,8 @@ leaves on it. A silent peer on *another* host cannot be killed from here, and it
 job step (``srun --kill-on-bad-exit=0`` waits for every task) and so the batch shell's crash decision
 waiting for ever: the rank that judged it silent waits (at most ``3 * interval``) until every other
 rank has left (or one on the peer's host killed it), then ends the whole SLURM step with ``scancel
---signal=KILL JOBID.STEPID``. That kills the step's remaining tasks (the frozen one and this rank),
+--ctld --signal=KILL JOBID.STEPID`` (delivered by the controller: scancel itself runs inside that step).
+That kills the step's remaining tasks (the frozen one and this rank),
 ``srun`` returns 137 (or the ranks' own 145), the job stays RUNNING (a signal to a step is no cancellation of the job), and the
 batch shell's decision (:mod:`preemptible.scheduler.afterstep`) counts the exit as a crash and
 requeues from the newest checkpoint. Outside a SLURM step (no ``SLURM_STEP_ID``: torchrun on bare
@@ -313,7 +314,7 @@ class PeerWatchdog:
             return
         self._say_left(loss, killed=False, ending_step=self.slurm_step)
         print(f"preemptible: rank {self.rank}: {where} is silent on another host: ending SLURM step {self.slurm_step} "
-              f"(scancel --signal=KILL), so that the job's batch shell can requeue it as a crash", file=sys.stderr,
+              f"(scancel --ctld --signal=KILL), so that the job's batch shell can requeue it as a crash", file=sys.stderr,
               flush=True)
         sys.stdout.flush()
         error = cancel_slurm_step(self.slurm_step, self._scancel)  # usually kills this process too
@@ -353,7 +354,12 @@ class PeerWatchdog:
 
 
 def cancel_slurm_step(step: str, scancel: str = "scancel", timeout: float = SCANCEL_TIMEOUT) -> Optional[str]:
-    """``scancel --signal=KILL JOBID.STEPID``: SIGKILL to every task of that step, not a cancellation of the job.
+    """``scancel --ctld --signal=KILL JOBID.STEPID``: SIGKILL to every task of that step, not a cancellation of the job.
+
+    ``--ctld``: the controller delivers the signal to the step's nodes. Without it scancel sends it to each
+    node's slurmd itself, and scancel is a child of a rank of that very step: the SIGKILL on the first node
+    kills scancel while it still talks to the next one (measured on the two-node test cluster: the frozen
+    task on the other node then went unsignalled and held the step until the test gave up).
 
     SLURM 22.05: the job stays RUNNING, ``srun`` ends with 137 and its batch shell goes on (to decide on a
     crash requeue). Returns ``None`` when the request was accepted, else why not (no scancel on ``PATH``
@@ -363,11 +369,13 @@ def cancel_slurm_step(step: str, scancel: str = "scancel", timeout: float = SCAN
     if exe is None:
         return f"'{scancel}' is not on PATH"
     try:
-        done = subprocess.run([exe, "--signal=KILL", step], capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run([exe, "--ctld", "--signal=KILL", step], capture_output=True, text=True, timeout=timeout,
+                              check=False)
     except (subprocess.TimeoutExpired, OSError) as exc:
-        return f"scancel --signal=KILL {step}: {exc}"
+        return f"scancel --ctld --signal=KILL {step}: {exc}"
     if done.returncode != 0:
-        return f"scancel --signal=KILL {step} failed (exit {done.returncode}): {(done.stderr or done.stdout).strip()}"
+        return (f"scancel --ctld --signal=KILL {step} failed (exit {done.returncode}): "
+                f"{(done.stderr or done.stdout).strip()}")
     return None
 
 

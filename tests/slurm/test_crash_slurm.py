@@ -273,7 +273,7 @@ def test_frozen_rank_leaves_within_the_bound_and_recovers(
         tmp_path: Path, slurm_cluster: SlurmCluster, slurm_jobs: list[str], reference_run) -> None:
     """Rank 1 (node n2) SIGSTOPs itself at step 6. Rank 0 (n1) is on another host (the nodes share this machine's
     host name; the watchdog tells them apart by SLURM node name), so it cannot kill it: once rank 1 is silent for
-    peer_timeout (6 s) rank 0 journals peer_lost and ends the whole step (``scancel --signal=KILL JOB.0``); srun
+    peer_timeout (6 s) rank 0 journals peer_lost and ends the whole step (``scancel --ctld --signal=KILL JOB.0``); srun
     returns, the batch shell counts a crash and requeues, and the job resumes bitwise from the newest periodic
     checkpoint. The step's end is bounded by ``step_end_bound`` (11 s here); the wait for the requeue (120 s) is far
     below gloo's 30-minute collective timeout, which is what the frozen rank would otherwise cost."""
