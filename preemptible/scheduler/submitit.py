@@ -99,7 +99,9 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
         if not JobEnvironment.from_env().under_slurm:
             # LocalExecutor: no restart count of its own (see the module's docstring)
             os.environ["PREEMPTIBLE_ATTEMPT"] = str(supervisor.claimed_attempts(run_dir, _job_key(JobEnvironment.from_env())))
-        previous = supervisor.set_crash_supervisor(self._after_crash)
+        # The in-process supervisor of a crash (core/supervisor.py), with this task's job key (LocalExecutor's too).
+        previous = supervisor.set_crash_supervisor(
+            supervisor.RankCrashSupervisor(run_dir, job_key=_job_key, log_hint="the submitit logs"))
         try:
             return self.train_fn(*(args or self.args), **(kwargs or self.kwargs))
         except Exception as exc:
@@ -109,19 +111,15 @@ class PreemptibleTask(submitit.helpers.Checkpointable):
             raise
         except SystemExit as exc:
             if exc.code == REQUEUE_EXIT_CODE:  # a preemption requeue: the next attempt is numbered after this one
-                self._claim(JobEnvironment.from_env(), "requeue")
+                self._claim_relaunch(JobEnvironment.from_env())
             raise
         finally:
             supervisor.set_crash_supervisor(previous)
 
-    def _claim(self, env: JobEnvironment, why: str) -> bool:
-        if env.under_slurm and why != "crash":
-            return False  # SLURM counts the restarts itself
-        return supervisor.claim_attempt(self.run_dir, _job_key(env), env.restart_count, env.global_rank, why)
-
-    def _after_crash(self, code: int) -> Optional[int]:
-        """The in-process supervisor (:class:`preemptible.core.supervisor.RankCrashSupervisor`), with this task's job key."""
-        return supervisor.RankCrashSupervisor(self.run_dir, job_key=_job_key, log_hint="the submitit logs")(code)
+    def _claim_relaunch(self, env: JobEnvironment) -> None:
+        """Outside SLURM, note a preemption's relaunch as a claim: ``LocalExecutor`` numbers no attempts itself."""
+        if not env.under_slurm:  # SLURM counts the restarts itself
+            supervisor.claim_attempt(self.run_dir, _job_key(env), env.restart_count, env.global_rank, "requeue")
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """Called by submitit's own handler when a signal arrives outside ``trainer.fit``.
